@@ -129,3 +129,18 @@ def build_dfdam(
         aux_context=SegmentationHead(channels, aux_channels, num_classes) if aux_heads else None,
         aux_spatial=SegmentationHead(channels, aux_channels, num_classes) if aux_heads else None,
     )
+
+
+class LogitsOnly(nn.Module):
+    """Inference wrapper: image batch (B, 3, H, W) -> prediction logits (B, K, H, W).
+
+    What is logged to MLflow and served: always in eval mode, no auxiliary outputs, no
+    dict, never the DDP wrapper.
+    """
+
+    def __init__(self, model: DFDAM) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)["out"]

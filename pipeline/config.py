@@ -1,0 +1,281 @@
+"""One typed, frozen, nested configuration for training, evaluation and tuning.
+
+Presets carry the paper's hyper-parameters (section 4.1): ``cityscapes`` (batch 8,
+lr 0.01, weight decay 5e-4, crop 1024), ``voc`` (batch 16, lr 0.001, weight decay 1e-5,
+crop 512), and ``synthetic`` (small and fast, for the demo and tests). Any field can be
+overridden with ``section.field=value`` strings (``--set`` on the command line); values
+are parsed by the field's type, and unknown sections or fields are rejected with the
+closest valid names.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A preset, override or value that the configuration cannot take."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """DF-DAM's architecture (see ``models.build_dfdam``)."""
+
+    backbone: str = "resnet18"  # resnet18 | resnet50 | resnet101
+    variant: str = "dafm+2dpam"  # sum | dafm | dafm+2dpam (Tables 1-2)
+    weights: str | None = None  # None | "imagenet" | path to a torchvision ResNet state_dict
+    channels: int = 128  # 1x1 projections (section 3.4)
+    gate_hidden: int = 32  # 2DPAM hidden width
+    refine_channels: int = 128  # refine block width
+    aux_channels: int = 64  # auxiliary heads' width
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the shards are and how samples become batches."""
+
+    shards: str = ""  # folder with <split>-%06d.tar and <split>.manifest.parquet
+    train_split: str = "train"
+    val_split: str = "val"
+    crop_size: tuple[int, int] = (1024, 1024)  # (H, W) of training crops
+    scales: tuple[float, ...] = (0.75, 1.0, 1.25, 1.5, 1.75, 2.0)  # random scale set
+    batch_size: int = 8  # global batch, split evenly across workers
+    eval_batch_size: int = 1  # per worker
+    loader_workers: int = 2  # data-loading processes per training worker
+    shuffle_buffer: int = 64  # samples
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """SGD with a poly learning rate (section 4.1) and DFN/BiSeNet practice where silent."""
+
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    poly_power: float = 0.9
+    head_lr_mult: float = 10.0  # non-backbone parameters learn 10x faster
+    no_decay_norm_bias: bool = True  # no weight decay on BN and bias
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Eq. 12's weights."""
+
+    lambda_c: float = 0.4
+    lambda_s: float = 0.1
+    ignore_index: int = 255
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How long, on what, and where results are kept."""
+
+    epochs: int = 10
+    workers: int = 2  # Ray Train workers (one process each)
+    gpu: bool = False
+    cpus_per_worker: int = 1
+    amp: bool = True  # mixed precision, applied on GPU only
+    sync_bn: bool = True  # SyncBatchNorm, applied only with GPUs and more than one worker
+    seed: int = 0
+    max_failures: int = 0  # worker-group restarts Ray Train may try from the last checkpoint
+    storage: str = "runs"  # Ray Train storage folder (made absolute before use)
+    timeout_s: int = 1800  # collective timeout (gloo/NCCL)
+    log_every: int = 10  # steps between progress lines
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """MLflow: embedded SQLite store by default, or MLFLOW_TRACKING_URI / ``uri``."""
+
+    uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
+    experiment: str = ""  # "" -> dfdam-<dataset>
+    log_model: bool = True
+    overlays: int = 4  # colourised validation predictions logged as images
+
+
+@dataclass(frozen=True)
+class Config:
+    preset: str = "cityscapes"
+    dataset: str = "cityscapes"  # what the preset's hyper-parameters were made for
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """``{"section.field": value}`` for every field (MLflow params)."""
+        out: dict[str, Any] = {"preset": self.preset, "dataset": self.dataset}
+        for section in _SECTIONS:
+            for f in fields(getattr(self, section)):
+                out[f"{section}.{f.name}"] = getattr(getattr(self, section), f.name)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Config":
+        """Inverse of :meth:`to_dict` (lists back to tuples), for configs read from JSON or checkpoints."""
+        sections = {}
+        for f in fields(cls):
+            if f.name not in _SECTIONS:
+                continue
+            section_type = f.default_factory  # type: ignore[misc]
+            given = dict(data.get(f.name, {}))
+            unknown = set(given) - {g.name for g in fields(section_type)}
+            if unknown:
+                raise ConfigError(f"unknown field(s) {sorted(unknown)} in config section {f.name!r}")
+            sections[f.name] = section_type(**{k: tuple(v) if isinstance(v, list) else v for k, v in given.items()})
+        return validate(cls(preset=data.get("preset", "custom"), dataset=data.get("dataset", "cityscapes"), **sections))
+
+
+_SECTIONS = ("model", "data", "optim", "loss", "train", "tracking")
+
+
+def _preset_cityscapes() -> Config:
+    return Config(
+        preset="cityscapes",
+        dataset="cityscapes",
+        data=DataConfig(crop_size=(1024, 1024), batch_size=8),
+        optim=OptimConfig(lr=0.01, weight_decay=5e-4),
+        train=TrainConfig(epochs=200),
+    )
+
+
+def _preset_voc() -> Config:
+    return Config(
+        preset="voc",
+        dataset="voc",
+        model=ModelConfig(backbone="resnet101"),
+        data=DataConfig(train_split="train_aug", crop_size=(512, 512), batch_size=16),
+        optim=OptimConfig(lr=0.001, weight_decay=1e-5),
+        train=TrainConfig(epochs=50),
+    )
+
+
+def _preset_synthetic() -> Config:
+    return Config(
+        preset="synthetic",
+        dataset="synthetic",
+        data=DataConfig(
+            crop_size=(128, 128),
+            scales=(0.75, 1.0, 1.25, 1.5),
+            batch_size=8,
+            eval_batch_size=4,
+            loader_workers=0,
+            shuffle_buffer=32,
+        ),
+        optim=OptimConfig(lr=0.01, weight_decay=1e-4),
+        train=TrainConfig(epochs=8, workers=2, log_every=5),
+    )
+
+
+PRESETS = {"cityscapes": _preset_cityscapes, "voc": _preset_voc, "synthetic": _preset_synthetic}
+
+
+def preset(name: str) -> Config:
+    """The named preset; a clear error naming the valid ones otherwise."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}: expected one of {sorted(PRESETS)}")
+    return PRESETS[name]()
+
+
+def _parse(text: str, hint: Any, where: str) -> Any:
+    """Parse ``text`` as a value of type ``hint`` (int, float, bool, str, X | None, tuples)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if text.strip().lower() in ("none", "null", ""):
+            return None
+        return _parse(text, args[0], where)
+    if origin is tuple:
+        args = typing.get_args(hint)
+        parts = [p for p in text.replace("x", ",").split(",") if p.strip()] if text.strip() else []
+        if len(args) == 2 and args[1] is Ellipsis:
+            if not parts:
+                raise ConfigError(f"{where}: expected at least one value, got {text!r}")
+            return tuple(_parse(p, args[0], where) for p in parts)
+        if len(parts) != len(args):
+            raise ConfigError(f"{where}: expected {len(args)} comma-separated values, got {text!r}")
+        return tuple(_parse(p, a, where) for p, a in zip(parts, args))
+    try:
+        if hint is bool:
+            lowered = text.strip().lower()
+            if lowered in ("true", "1", "yes", "on"):
+                return True
+            if lowered in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if hint is int:
+            return int(text)
+        if hint is float:
+            return float(text)
+        if hint is str:
+            return text
+    except ValueError:
+        raise ConfigError(f"{where}: expected {hint.__name__}, got {text!r}") from None
+    raise ConfigError(f"{where}: cannot parse type {hint}")
+
+
+def apply_overrides(config: Config, overrides: list[str]) -> Config:
+    """Apply ``section.field=value`` strings; unknown names and bad values raise ConfigError."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.field=value")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        if "." not in key:
+            raise ConfigError(f"override {item!r} must name section.field, e.g. optim.lr=0.01")
+        section_name, field_name = key.split(".", 1)
+        if section_name not in _SECTIONS:
+            near = difflib.get_close_matches(section_name, _SECTIONS, n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise ConfigError(f"unknown config section {section_name!r} in {item!r}: expected one of {list(_SECTIONS)}{hint}")
+        section = getattr(config, section_name)
+        hints = typing.get_type_hints(type(section))
+        if field_name not in hints:
+            near = difflib.get_close_matches(field_name, list(hints), n=1)
+            hint = f"; did you mean {section_name}.{near[0]}?" if near else ""
+            raise ConfigError(f"unknown field {key!r}: {section_name} has {sorted(hints)}{hint}")
+        value = _parse(text, hints[field_name], key)
+        config = replace(config, **{section_name: replace(section, **{field_name: value})})
+    return validate(config)
+
+
+def validate(config: Config) -> Config:
+    """Check values that types alone cannot; returns the config unchanged."""
+    checks = [
+        (config.model.backbone in ("resnet18", "resnet50", "resnet101"), "model.backbone must be resnet18, resnet50 or resnet101"),
+        (config.model.variant in ("sum", "dafm", "dafm+2dpam"), "model.variant must be sum, dafm or dafm+2dpam"),
+        (config.optim.lr > 0, "optim.lr must be positive"),
+        (config.loss.lambda_c >= 0 and config.loss.lambda_s >= 0, "loss.lambda_c and loss.lambda_s must be >= 0"),
+        (config.train.epochs >= 1, "train.epochs must be at least 1"),
+        (config.train.workers >= 1, "train.workers must be at least 1"),
+        (config.data.batch_size >= config.train.workers, "data.batch_size (global) must be at least train.workers"),
+        (config.data.batch_size % config.train.workers == 0, "data.batch_size must be divisible by train.workers"),
+        (all(s > 0 for s in config.data.scales), "data.scales must be positive"),
+        (min(config.data.crop_size) >= 32, "data.crop_size must be at least 32x32 (output stride 32)"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(f"{message} (got {_describe(config)})")
+    return config
+
+
+def _describe(config: Config) -> str:
+    return (f"backbone={config.model.backbone}, variant={config.model.variant}, lr={config.optim.lr}, "
+            f"lambda_c={config.loss.lambda_c}, lambda_s={config.loss.lambda_s}, epochs={config.train.epochs}, "
+            f"workers={config.train.workers}, batch_size={config.data.batch_size}, crop={config.data.crop_size}")
+
+
+def build_config(preset_name: str, overrides: list[str] | None = None) -> Config:
+    """The preset with ``overrides`` applied."""
+    return apply_overrides(preset(preset_name), list(overrides or []))

@@ -1,0 +1,143 @@
+"""WebDataset readers: shards -> (image, label) batches, split by Ray rank and loader worker.
+
+Shards are found only through the Parquet manifest written by ``sharding/``.
+
+* Training (:func:`train_loader`): every rank reads an endless, shuffled stream of shards
+  resampled with a seed of its own (rank, loader worker and epoch), and the loader is cut
+  at exactly ``steps_per_epoch`` batches, computed from the manifest's sample count. Every
+  rank therefore runs the same number of steps and no rank waits in an all-reduce.
+* Evaluation (:func:`eval_loader`): rank r reads shards r, r + world, r + 2 world, ...,
+  split further between loader workers, each shard once: every validation sample is
+  counted exactly once across all ranks.
+"""
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+
+from pipeline.config import DataConfig
+from pipeline.transforms import EvalTransform, TrainTransform, pad_collate
+from sharding.manifest import Manifest
+
+IMAGE_EXTENSIONS = ("png", "jpg", "jpeg")
+
+
+def decode_sample(sample: dict[str, Any]) -> dict[str, Any]:
+    """Raw WebDataset sample -> ``{"key", "image": uint8 HxWx3 RGB, "label": uint8 HxW}``.
+
+    The label PNG holds train ids in one channel; it is read with PIL as it is (never
+    converted to RGB, never through a generic decoder that would change its values).
+    """
+    key = sample.get("__key__", "?")
+    ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+    if ext is None or "label.png" not in sample:
+        raise ValueError(f"sample {key!r} from {sample.get('__url__', '?')}: expected an image "
+                         f"({'/'.join(IMAGE_EXTENSIONS)}) and label.png, found {sorted(k for k in sample if not k.startswith('__'))}")
+    image = np.asarray(Image.open(io.BytesIO(sample[ext])).convert("RGB"))
+    label_img = Image.open(io.BytesIO(sample["label.png"]))
+    if label_img.mode not in ("L", "P"):
+        raise ValueError(f"sample {key!r}: label.png must be single-channel (L), got mode {label_img.mode}")
+    label = np.asarray(label_img, dtype=np.uint8)
+    if label.shape != image.shape[:2]:
+        raise ValueError(f"sample {key!r}: image {image.shape[:2]} and label {label.shape} differ in size")
+    return {"key": key, "image": image, "label": label}
+
+
+def steps_per_epoch(manifest: Manifest, global_batch: int) -> int:
+    """Optimizer steps per epoch: one pass over the manifest's samples, rounded up."""
+    if manifest.num_samples == 0:
+        raise ValueError(f"{manifest.root}: split {manifest.split!r} has no samples")
+    return max(1, math.ceil(manifest.num_samples / global_batch))
+
+
+def _worker_id() -> int:
+    info = torch.utils.data.get_worker_info()
+    return 0 if info is None else info.id
+
+
+class _Augment:
+    """Applies the training transform with an RNG seeded by (seed, epoch, rank, loader worker)."""
+
+    def __init__(self, transform: TrainTransform, seed: int, epoch: int, rank: int) -> None:
+        self.transform, self.seed, self.epoch, self.rank = transform, seed, epoch, rank
+        self.rng: np.random.Generator | None = None
+
+    def __call__(self, sample: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.rng is None:  # created in the loader worker, after the fork
+            self.rng = np.random.default_rng([self.seed, self.epoch, self.rank, _worker_id()])
+        return self.transform(sample["image"], sample["label"], self.rng)
+
+
+def _collate_train(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    images, labels = zip(*batch)
+    return torch.stack(images), torch.stack(labels)  # (B, 3, H, W), (B, H, W)
+
+
+def train_loader(
+    manifest: Manifest, cfg: DataConfig, *, rank: int, world_size: int, epoch: int, seed: int = 0
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless resampled stream for one rank, cut at :func:`steps_per_epoch` batches.
+
+    Each rank gets ``cfg.batch_size // world_size`` samples a step.
+    """
+    per_rank = cfg.batch_size // world_size
+    steps = steps_per_epoch(manifest, cfg.batch_size)
+    transform = TrainTransform(cfg.crop_size, cfg.scales, cfg.mean, cfg.std)
+    shard_seed = int(np.random.default_rng([seed, epoch, rank]).integers(2**31))
+    pipeline = wds.DataPipeline(
+        wds.ResampledShards(list(manifest.shards), seed=shard_seed, worker_seed=_worker_id),
+        wds.tarfile_to_samples(handler=wds.reraise_exception),
+        wds.shuffle(cfg.shuffle_buffer, initial=min(cfg.shuffle_buffer, manifest.num_samples), seed=shard_seed),
+        wds.map(decode_sample),
+        wds.map(_Augment(transform, seed, epoch, rank)),
+        wds.batched(per_rank, collation_fn=_collate_train, partial=False),
+    )
+    loader = wds.WebLoader(pipeline, batch_size=None, num_workers=cfg.loader_workers,
+                           persistent_workers=False, pin_memory=False)
+    return loader.with_epoch(steps)
+
+
+def rank_shards(manifest: Manifest, rank: int, world_size: int) -> list[str]:
+    """The shards rank ``rank`` reads for evaluation: every ``world_size``-th from ``rank``."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world of size {world_size}")
+    return list(manifest.shards)[rank::world_size]
+
+
+class _EvalDecode:
+    def __init__(self, transform: EvalTransform) -> None:
+        self.transform = transform
+
+    def __call__(self, sample: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, str]:
+        decoded = decode_sample(sample)
+        image, label = self.transform(decoded["image"], decoded["label"])
+        return image, label, decoded["key"]
+
+
+def eval_loader(
+    manifest: Manifest, cfg: DataConfig, *, rank: int = 0, world_size: int = 1
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+    """Each of this rank's shards once, in order; batches padded with ignore labels.
+
+    Yields ``(images (B,3,H,W), labels (B,H,W), keys)``; padding pixels carry label 255 so
+    they are never counted.
+    """
+    shards = rank_shards(manifest, rank, world_size)
+    if not shards:  # more ranks than shards: this rank has nothing to count
+        return iter(())
+    pipeline = wds.DataPipeline(
+        wds.SimpleShardList(shards),
+        wds.split_by_worker,
+        wds.tarfile_to_samples(handler=wds.reraise_exception),
+        wds.map(_EvalDecode(EvalTransform(cfg.mean, cfg.std))),
+        wds.batched(cfg.eval_batch_size, collation_fn=pad_collate, partial=True),
+    )
+    workers = min(cfg.loader_workers, len(shards))
+    return wds.WebLoader(pipeline, batch_size=None, num_workers=workers)

@@ -1,0 +1,224 @@
+"""MLflow at the edge: the only module that imports mlflow.
+
+Embedded default: a SQLite tracking and registry store ``mlflow.db`` and an artifact
+folder ``mlartifacts/`` in the working directory (both absolute, since Ray workers change
+directory). ``MLFLOW_TRACKING_URI`` (or ``tracking.uri``) points at a real server instead.
+
+The driver creates one run per training job (looked up again by its Ray run name when a
+job is resumed); rank 0 logs into it by run id with an ``MlflowClient``, so no global
+MLflow state crosses process boundaries.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import torch
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.tracking import MlflowClient
+from mlflow.types import Schema, TensorSpec
+
+RUN_TAG = "dfdam.ray_run"  # the Ray Train run name a MLflow run belongs to
+MODEL_URI_TAG = "dfdam.model_uri"
+
+
+class TrackingError(RuntimeError):
+    """The tracking store cannot be reached or used."""
+
+
+def resolve_uri(uri: str | None = None, workdir: str | Path | None = None) -> str:
+    """``uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<workdir>/mlflow.db`` (absolute)."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+            # Relative SQLite paths would land in Ray's session folder on the workers.
+            uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+        return uri
+    base = Path(workdir or os.getcwd()).resolve()
+    return f"sqlite:///{base / 'mlflow.db'}"
+
+
+def artifact_root(uri: str) -> str | None:
+    """Artifact folder beside an embedded SQLite store; a server chooses its own (None)."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
+    return None
+
+
+def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail fast, before any work, when the tracking store cannot be used."""
+    if uri.startswith("sqlite:///"):
+        folder = Path(uri[len("sqlite:///"):]).parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise TrackingError(f"MLflow SQLite store {uri}: folder {folder} does not exist or is not writable")
+        return
+    if uri.startswith(("http://", "https://")):
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as response:
+                if response.status != 200:
+                    raise TrackingError(f"MLflow server {uri} answered /health with HTTP {response.status}")
+        except (urllib.error.URLError, OSError) as exc:
+            raise TrackingError(
+                f"MLflow tracking server {uri} is unreachable ({exc}); start it (mlflow server ...) or "
+                "unset MLFLOW_TRACKING_URI to use the embedded SQLite store"
+            ) from None
+        return
+    if uri.startswith("file:") or "://" not in uri:
+        raise TrackingError(
+            f"tracking URI {uri!r}: MLflow 3 refuses plain file stores and the model registry needs a "
+            "database; use sqlite:////abs/path/mlflow.db or http://host:port"
+        )
+
+
+def get_experiment_id(client: MlflowClient, name: str, uri: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    return client.create_experiment(name, artifact_location=artifact_root(uri))
+
+
+def start_run(uri: str, experiment: str, ray_run: str, params: dict[str, Any], tags: dict[str, str] | None = None,
+              parent_run_id: str | None = None) -> str:
+    """The run for Ray run ``ray_run`` (the existing one on resume, else a new one); returns its id."""
+    client = MlflowClient(uri)
+    experiment_id = get_experiment_id(client, experiment, uri)
+    found = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_TAG}` = '{ray_run}'", max_results=1)
+    if found:
+        run_id = found[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        return run_id
+    all_tags = {RUN_TAG: ray_run, **(tags or {})}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = client.create_run(experiment_id, run_name=ray_run, tags=all_tags)
+    run_id = run.info.run_id
+    items = [Param(k, _short(v)) for k, v in params.items()]
+    for i in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[i:i + 100])
+    return run_id
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value) if isinstance(value, (list, tuple, dict)) else str(value)
+    return text[:6000]
+
+
+def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int) -> None:
+    now = int(time.time() * 1000)
+    items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None and np.isfinite(v)]
+    MlflowClient(uri).log_batch(run_id, metrics=items)
+
+
+def log_json(uri: str, run_id: str, data: Any, name: str) -> None:
+    MlflowClient(uri).log_dict(run_id, data, name)
+
+
+def log_image(uri: str, run_id: str, image: np.ndarray, name: str) -> None:
+    MlflowClient(uri).log_image(run_id, image, name)
+
+
+def log_figure(uri: str, run_id: str, figure: Any, name: str) -> None:
+    MlflowClient(uri).log_figure(run_id, figure, name)
+
+
+def log_text(uri: str, run_id: str, text: str, name: str) -> None:
+    MlflowClient(uri).log_text(run_id, text, name)
+
+
+def set_tags(uri: str, run_id: str, tags: dict[str, str]) -> None:
+    MlflowClient(uri).log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
+    """Close a run: FINISHED, FAILED or KILLED (a run left RUNNING looks alive forever)."""
+    MlflowClient(uri).set_terminated(run_id, status=status)
+
+
+def log_model(uri: str, run_id: str, model: torch.nn.Module, num_classes: int, code_path: str | Path,
+              metadata: dict[str, Any] | None = None) -> str:
+    """Log an eval-mode, logits-only model with a signature free in batch, height and width.
+
+    Pickle serialisation with the ``models`` package bundled as code, so the model loads as
+    a full ``nn.Module`` (``mlflow.pytorch.load_model``) without this project installed.
+    Returns the model URI and records it on the run (tag ``dfdam.model_uri``).
+    """
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, -1, -1), "image")]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, num_classes, -1, -1), "logits")]),
+    )
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pytorch.log_model(
+            model.eval().cpu(),
+            name="model",
+            signature=signature,
+            code_paths=[str(code_path)],
+            serialization_format="pickle",
+            metadata=metadata or {},
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "torchvision", "cloudpickle"],
+        )
+    set_tags(uri, run_id, {MODEL_URI_TAG: info.model_uri})
+    # start_run(run_id) closes the run on exit; the driver decides its final status.
+    MlflowClient(uri).update_run(run_id, status="RUNNING")
+    return info.model_uri
+
+
+def resolve_model_uri(uri: str, reference: str) -> str:
+    """``models:/...`` and ``runs:/...`` as they are; a bare run id -> the model it logged."""
+    if reference.startswith(("models:/", "runs:/")):
+        return reference
+    try:
+        run = MlflowClient(uri).get_run(reference)
+    except MlflowException as exc:
+        raise TrackingError(f"{reference!r} is neither a models:/ URI, a checkpoint, nor a run id in {uri}: {exc.message}") from None
+    model_uri = run.data.tags.get(MODEL_URI_TAG)
+    if not model_uri:
+        raise TrackingError(f"run {reference} in {uri} has no logged model (tag {MODEL_URI_TAG})")
+    return model_uri
+
+
+def load_model(uri: str, model_uri: str) -> torch.nn.Module:
+    mlflow.set_tracking_uri(uri)
+    try:
+        return mlflow.pytorch.load_model(model_uri, map_location="cpu")
+    except MlflowException as exc:
+        raise TrackingError(f"cannot load {model_uri} from {uri}: {exc.message}") from None
+
+
+# ----------------------------------------------------------------------------- model registry
+
+
+def register_model(uri: str, run_id: str, name: str, tags: dict[str, str] | None = None) -> str:
+    """Register the model run ``run_id`` logged as a new version of ``name``; returns the version."""
+    client = MlflowClient(uri)
+    model_uri = client.get_run(run_id).data.tags.get(MODEL_URI_TAG)
+    if not model_uri:
+        raise TrackingError(f"run {run_id} logged no model: nothing to register")
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name, description="DF-DAM segmentation models (see run tags for data and metrics)")
+    version = client.create_model_version(name, model_uri, run_id=run_id, tags=tags or {})
+    return str(version.version)
+
+
+def get_alias(uri: str, name: str, alias: str):
+    """The model version ``name@alias``, or None when the model or alias does not exist."""
+    try:
+        return MlflowClient(uri).get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def set_alias(uri: str, name: str, alias: str, version: str) -> None:
+    MlflowClient(uri).set_registered_model_alias(name, alias, version)

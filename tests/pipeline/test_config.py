@@ -1,0 +1,50 @@
+"""The typed config: presets carry the paper's numbers; overrides are checked."""
+from __future__ import annotations
+
+import pytest
+
+from pipeline.config import Config, ConfigError, build_config, preset
+
+
+def test_presets_carry_the_papers_hyper_parameters() -> None:
+    city, voc = preset("cityscapes"), preset("voc")
+    assert (city.data.batch_size, city.optim.lr, city.optim.weight_decay, city.data.crop_size) == (8, 0.01, 5e-4, (1024, 1024))
+    assert (voc.data.batch_size, voc.optim.lr, voc.optim.weight_decay, voc.data.crop_size) == (16, 0.001, 1e-5, (512, 512))
+    for cfg in (city, voc):
+        assert cfg.optim.momentum == 0.9 and cfg.optim.poly_power == 0.9
+        assert cfg.data.scales == (0.75, 1.0, 1.25, 1.5, 1.75, 2.0)
+        assert (cfg.loss.lambda_c, cfg.loss.lambda_s) == (0.4, 0.1)
+    assert voc.data.train_split == "train_aug"
+
+
+def test_overrides_are_parsed_by_type() -> None:
+    cfg = build_config("synthetic", ["optim.lr=0.02", "data.crop_size=96x160", "train.gpu=true",
+                                     "model.weights=none", "data.scales=1,1.5", "loss.lambda_c=0"])
+    assert cfg.optim.lr == 0.02 and cfg.data.crop_size == (96, 160) and cfg.train.gpu is True
+    assert cfg.model.weights is None and cfg.data.scales == (1.0, 1.5) and cfg.loss.lambda_c == 0.0
+    assert Config.from_dict(cfg.to_dict()) == cfg
+    assert cfg.flat()["optim.lr"] == 0.02
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optim.lrr=0.1", "did you mean optim.lr"),
+        ("optm.lr=0.1", "did you mean 'optim'"),
+        ("optim.lr=fast", "expected float"),
+        ("train.gpu=maybe", "expected bool"),
+        ("data.crop_size=96", "expected 2 comma-separated values"),
+        ("lr=0.1", "section.field"),
+        ("optim.lr", "section.field=value"),
+        ("train.workers=3", "divisible"),
+        ("model.variant=dafm+pam", "model.variant"),
+    ],
+)
+def test_bad_overrides_are_refused_with_a_clear_message(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        build_config("synthetic", [override])
+
+
+def test_unknown_preset() -> None:
+    with pytest.raises(ConfigError, match="expected one of"):
+        preset("ade20k")
