@@ -16,8 +16,21 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# The whole mission on the built-in synthetic dataset, in ./demo: generate it (once), shard
+# it, train with 2 Ray workers (MLflow run + checkpoints), evaluate, then a small Ray Tune
+# search whose winner is registered as dfdam-synthetic@champion.
+DEMO := demo
+RUN_NAME := demo-$(shell date +%Y%m%d-%H%M%S)
+DEMO_PY := ../$(PY) ../run.py
+
 demo: $(STAMP)
-	$(PY) run.py profile --backbone resnet18 --size 320x640
+	mkdir -p $(DEMO)
+	test -f $(DEMO)/raw/dfdam_synthetic.json || $(PY) run.py make-synthetic --layout cityscapes --out $(DEMO)/raw
+	$(PY) run.py shard --dataset cityscapes --root $(DEMO)/raw --out $(DEMO)/shards --shard-size 8 --split train val
+	cd $(DEMO) && $(DEMO_PY) train --preset synthetic --data shards --workers 2 --name $(RUN_NAME)
+	cd $(DEMO) && $(DEMO_PY) evaluate --model runs/$(RUN_NAME) --data shards
+	@echo
+	@echo "Look at the runs:  cd $(DEMO) && ../$(PY) -m mlflow ui --backend-store-uri sqlite:///$$(pwd)/$(DEMO)/mlflow.db"
 
 profile: $(STAMP)
 	$(PY) run.py profile --backbone resnet101 --size 320x640

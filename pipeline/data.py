@@ -92,7 +92,7 @@ def train_loader(
     transform = TrainTransform(cfg.crop_size, cfg.scales, cfg.mean, cfg.std)
     shard_seed = int(np.random.default_rng([seed, epoch, rank]).integers(2**31))
     pipeline = wds.DataPipeline(
-        wds.ResampledShards(list(manifest.shards), seed=shard_seed, worker_seed=_worker_id),
+        wds.ResampledShards(list(manifest.shards), seed=shard_seed, worker_seed=_worker_id, deterministic=True),
         wds.tarfile_to_samples(handler=wds.reraise_exception),
         wds.shuffle(cfg.shuffle_buffer, initial=min(cfg.shuffle_buffer, manifest.num_samples), seed=shard_seed),
         wds.map(decode_sample),

@@ -200,6 +200,8 @@ def load_model(uri: str, model_uri: str) -> torch.nn.Module:
 
 def register_model(uri: str, run_id: str, name: str, tags: dict[str, str] | None = None) -> str:
     """Register the model run ``run_id`` logged as a new version of ``name``; returns the version."""
+    # MLflow's SQL registry store resolves models:/m-... through the *global* tracking URI.
+    mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
     model_uri = client.get_run(run_id).data.tags.get(MODEL_URI_TAG)
     if not model_uri:

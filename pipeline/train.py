@@ -201,7 +201,6 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     ddp_model = ray.train.torch.prepare_model(model)  # DDP when world > 1; moves to device
     net = ddp_model.module if hasattr(ddp_model, "module") else ddp_model
 
-    cm = None
     for epoch in range(start_epoch, cfg.train.epochs):
         loader = train_loader(train_manifest, cfg.data, rank=rank, world_size=world, epoch=epoch, seed=cfg.train.seed)
         stats = train_one_epoch(ddp_model, loader, optimizer, cfg, epoch=epoch, steps=steps, max_iter=max_iter,
@@ -222,6 +221,9 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             log(f"epoch {epoch + 1}/{cfg.train.epochs}: val mIoU {metrics['val_miou']:.4f} "
                 f"(best {best:.4f}), pixel acc {metrics['val_pixel_acc']:.4f}")
             tracking.log_metrics(uri, run_id, metrics, step=epoch + 1)
+        if rank == 0 and epoch + 1 == cfg.train.epochs:
+            # Before the last report: a Tune scheduler may stop the trial as soon as it sees it.
+            _log_final(uri, run_id, net, cm.cpu(), val_manifest, cfg, device, info)
         with tempfile.TemporaryDirectory(prefix="dfdam-ckpt-") as tmp:
             ckpt = None
             if rank == 0:
@@ -229,9 +231,6 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                                 step=(epoch + 1) * steps, config=cfg, dataset=info, metrics=metrics)
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch_{epoch + 1:04d}")
-
-    if rank == 0 and cm is not None:
-        _log_final(uri, run_id, net, cm.cpu(), val_manifest, cfg, device, info)
 
 
 def _log_final(uri: str, run_id: str, net: nn.Module, cm: torch.Tensor, manifest: Manifest, cfg: Config,
@@ -282,6 +281,24 @@ def check_inputs(cfg: Config) -> tuple[Manifest, Manifest]:
     return train_manifest, val_manifest
 
 
+def probe_address(address: str, timeout_s: float = 5.0) -> None:
+    """A TCP connect to ``host:port`` (Ray's own client retries for minutes before failing)."""
+    import socket
+
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConnectionError(f"Ray address {address!r}: expected host:port (or ray://host:port, or auto)")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        raise ConnectionError(
+            f"cannot reach the Ray cluster at {address!r} ({exc}). Start one with `ray start --head` "
+            "or leave --address and RAY_ADDRESS unset to run a local cluster"
+        ) from None
+
+
 def connect_ray(address: str | None, resources: dict[str, float] | None = None) -> None:
     """Join ``address`` (or ``$RAY_ADDRESS``), or start a local cluster; clear error if unreachable.
 
@@ -293,6 +310,8 @@ def connect_ray(address: str | None, resources: dict[str, float] | None = None) 
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
+    if address and address != "auto":
+        probe_address(address)
     try:
         if address:
             ray.init(address=address, log_to_driver=True)

@@ -10,11 +10,16 @@ one child run per trial; the best finished trial's model is registered and becom
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import math
+import os
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +34,10 @@ ALIASES = {"lambda_c": "loss.lambda_c", "lambda_s": "loss.lambda_s", "lr": "opti
 KINDS = ("uniform", "loguniform", "choice")
 TRIAL_DRIVER_RESOURCE = "dfdam_trial_driver"
 METRIC, MODE = "val_miou", "max"
+
+
+class SearchInterrupted(RuntimeError):
+    """The search stopped (Ctrl+C) before every trial ended; its state is saved for --resume."""
 
 
 @dataclass(frozen=True)
@@ -218,6 +227,7 @@ class TrialRow:
 @dataclass(frozen=True)
 class SearchResult:
     name: str
+    names: list[str]  # the searched parameters
     parent_run_id: str
     tracking_uri: str
     rows: list[TrialRow]
@@ -238,10 +248,6 @@ def search(cfg: Config, settings: SearchSettings, space: dict[str, Dimension], *
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     started = time.perf_counter()
-    if settings.trials < 1 or settings.max_concurrent < 1 or settings.workers_per_trial < 1:
-        raise ConfigError("--trials, --max-concurrent and --workers-per-trial must be at least 1")
-    if settings.scheduler not in ("asha", "fifo") or settings.search not in ("optuna", "random"):
-        raise ConfigError("--scheduler takes asha|fifo and --search optuna|random")
     storage = Path(cfg.train.storage).resolve()
     settings_file = _settings_path(storage, settings.name)
     experiment_dir = storage / settings.name
@@ -255,6 +261,12 @@ def search(cfg: Config, settings: SearchSettings, space: dict[str, Dimension], *
     elif experiment_dir.exists() or settings_file.exists():
         raise FileExistsError(f"a search named {settings.name!r} already exists under {storage}: "
                               "pass --resume to continue it or choose another --name")
+    if settings.trials < 1 or settings.max_concurrent < 1 or settings.workers_per_trial < 1:
+        raise ConfigError("--trials, --max-concurrent and --workers-per-trial must be at least 1")
+    if settings.scheduler not in ("asha", "fifo") or settings.search not in ("optuna", "random"):
+        raise ConfigError("--scheduler takes asha|fifo and --search optuna|random")
+    if not space:
+        raise ConfigError("the search space is empty")
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, workers=settings.workers_per_trial))
     cfg = apply_overrides(cfg, [])  # validate (batch divisible by the new worker count)
     _, val_manifest = check_inputs(cfg)
@@ -290,26 +302,76 @@ def search(cfg: Config, settings: SearchSettings, space: dict[str, Dimension], *
                     metric=METRIC, mode=MODE, num_samples=settings.trials,
                     max_concurrent_trials=settings.max_concurrent,
                     search_alg=_search_alg(settings, cfg, space),
-                    scheduler=(ASHAScheduler(time_attr="training_iteration", max_t=cfg.train.epochs, grace_period=1,
-                                             reduction_factor=2)
+                    # max_t one past the budget: ASHA stops a trial that reaches max_t at once, which
+                    # would kill it before rank 0 logs its model; the trial ends by itself instead.
+                    scheduler=(ASHAScheduler(time_attr="training_iteration", max_t=cfg.train.epochs + 1,
+                                             grace_period=1, reduction_factor=2)
                                if settings.scheduler == "asha" else FIFOScheduler()),
                 ),
                 run_config=tune.RunConfig(name=settings.name, storage_path=str(storage),
                                           failure_config=tune.FailureConfig(max_failures=0)),
             )
-        results = tuner.fit()
+        with _graceful_interrupt() as interrupted:
+            results = tuner.fit()
     except BaseException:
         tracking.end_run(uri, parent_run_id, "KILLED")
         raise
+    if interrupted.is_set():
+        _close_running_children(uri, experiment, parent_run_id)
+        tracking.end_run(uri, parent_run_id, "KILLED")
+        ended = results.num_terminated + results.num_errors
+        raise SearchInterrupted(
+            f"search {settings.name!r} was interrupted ({ended} of {settings.trials} trials had ended); its state "
+            "is saved. "
+            f"Continue it with: python run.py tune --resume --name {settings.name} --data {cfg.data.shards} "
+            f"--storage {storage}"
+        )
 
-    rows = _collect_rows(results, cfg.train.epochs, uri, experiment, parent_run_id, list(space))
-    registered = _register_best(rows, uri, register_as or f"dfdam-{cfg.dataset}", cfg, val_manifest)
-    wall = time.perf_counter() - started
-    result = SearchResult(settings.name, parent_run_id, uri, rows, registered, wall,
-                          grid_epochs=len(rows) * cfg.train.epochs)
-    _log_search(result, cfg, space)
+    try:
+        rows = _collect_rows(results, cfg.train.epochs, uri, experiment, parent_run_id, list(space))
+        registered = _register_best(rows, uri, register_as or f"dfdam-{cfg.dataset}", cfg, val_manifest)
+        wall = time.perf_counter() - started
+        result = SearchResult(settings.name, list(space), parent_run_id, uri, rows, registered, wall,
+                              grid_epochs=len(rows) * cfg.train.epochs)
+        _log_search(result, cfg, space)
+    except BaseException:
+        tracking.end_run(uri, parent_run_id, "FAILED")
+        raise
     tracking.end_run(uri, parent_run_id, "FINISHED")
     return result
+
+
+@contextlib.contextmanager
+def _graceful_interrupt() -> Iterator[threading.Event]:
+    """Ctrl+C during ``tuner.fit()``: remember it, and ask Tune for its graceful stop.
+
+    Tune's own SIGINT handler stops the search, saves its state and returns normally, so the
+    caller could not tell an interrupted search from a finished one. Here SIGINT sets an
+    event and sends SIGUSR1, which Tune treats as the same graceful stop; a second Ctrl+C
+    raises KeyboardInterrupt at once.
+    """
+    interrupted = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield interrupted
+        return
+
+    def on_sigint(signum, frame):
+        if interrupted.is_set():
+            raise KeyboardInterrupt
+        interrupted.set()
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    previous_handler = signal.signal(signal.SIGINT, on_sigint)
+    previous_env = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    try:
+        yield interrupted
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
+        if previous_env is None:
+            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+        else:
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = previous_env
 
 
 def _trainable(cfg: Config, space: dict[str, Dimension], uri: str, experiment: str, parent_run_id: str):
@@ -333,15 +395,25 @@ def _search_alg(settings: SearchSettings, cfg: Config, space: dict[str, Dimensio
     return OptunaSearch(points_to_evaluate=[start] if start else None, seed=settings.seed)
 
 
-def _collect_rows(results, max_epochs: int, uri: str, experiment: str, parent_run_id: str,
-                  names: list[str]) -> list[TrialRow]:
-    """One row per trial; children Tune stopped early are closed in MLflow (else RUNNING forever)."""
+def _children(uri: str, experiment: str, parent_run_id: str) -> list:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
     experiment_id = tracking.get_experiment_id(client, experiment, uri)
-    children = {r.data.tags.get("dfdam.trial_id"): r for r in client.search_runs(
-        [experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'", max_results=1000)}
+    return client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
+                              max_results=1000)
+
+
+def _close_running_children(uri: str, experiment: str, parent_run_id: str) -> None:
+    for child in _children(uri, experiment, parent_run_id):
+        if child.info.status == "RUNNING":
+            tracking.end_run(uri, child.info.run_id, "KILLED")
+
+
+def _collect_rows(results, max_epochs: int, uri: str, experiment: str, parent_run_id: str,
+                  names: list[str]) -> list[TrialRow]:
+    """One row per trial; children Tune stopped early are closed in MLflow (else RUNNING forever)."""
+    children = {r.data.tags.get("dfdam.trial_id"): r for r in _children(uri, experiment, parent_run_id)}
     rows = []
     for result in results:
         metrics = result.metrics or {}
@@ -356,10 +428,11 @@ def _collect_rows(results, max_epochs: int, uri: str, experiment: str, parent_ru
             status = "stopped early"
         if child is not None and child.info.status == "RUNNING":
             tracking.set_tags(uri, child.info.run_id, {"dfdam.status": status.replace(" ", "_")})
-            tracking.end_run(uri, child.info.run_id, "KILLED" if status != "error" else "FAILED")
+            # A trial can be stopped right after its last report, before it closes its own run.
+            tracking.end_run(uri, child.info.run_id, {"finished": "FINISHED", "error": "FAILED"}.get(status, "KILLED"))
         rows.append(TrialRow(
             trial_id=trial_id,
-            params={n: float(result.config[n]) for n in names if n in result.config},
+            params={n: float(result.config[n]) for n in names if n in (result.config or {})},
             epochs=epochs,
             val_miou=float(metrics.get(METRIC, float("nan"))),
             best_val_miou=float(metrics.get("best_val_miou", float("nan"))),
@@ -429,7 +502,8 @@ def _log_search(result: SearchResult, cfg: Config, space: dict[str, Dimension]) 
         tracking.log_json(uri, run_id, result.registered, "search/registered.json")
 
 
-def print_result(result: SearchResult, names: list[str]) -> None:
+def print_result(result: SearchResult) -> None:
+    names = result.names
     stopped = sum(r.status == "stopped early" for r in result.rows)
     run_epochs = sum(r.epochs for r in result.rows)
     print(f"\nsearch {result.name}: {len(result.rows)} trials, {stopped} stopped early by the scheduler, "

@@ -1,0 +1,152 @@
+"""Ray Tune over Ray Train: search space, trials in MLflow, registry alias, resume."""
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+import run
+from pipeline.config import ConfigError, build_config
+from pipeline.tune import SearchSettings, default_space, paper_point, parse_space, search
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_default_space_holds_the_papers_values_and_zero() -> None:
+    cfg = build_config("cityscapes")
+    space = default_space(cfg)
+    assert paper_point(cfg, space) == {"lambda_c": 0.4, "lambda_s": 0.1, "lr": 0.01}
+    assert space["lambda_c"].contains(0.0) and space["lambda_s"].contains(0.0)
+    assert space["lr"].kind == "loguniform" and space["lr"].low == pytest.approx(0.001)
+
+
+def test_space_changes_from_the_command_line_and_a_file(tmp_path: Path) -> None:
+    cfg = build_config("synthetic")
+    file = tmp_path / "space.json"
+    file.write_text(json.dumps({"lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2},
+                                "optim.weight_decay": {"type": "choice", "values": [0, 1e-4]}}))
+    space = parse_space(cfg, ["lambda_s=choice:0,0.1,0.2", "lambda_c=uniform:0.2:0.6"], file)
+    assert space["lr"].low == 1e-4 and space["lambda_s"].values == (0.0, 0.1, 0.2)
+    assert space["lambda_c"].high == 0.6 and space["optim.weight_decay"].values == (0.0, 1e-4)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("lamda_c=uniform:0:1", "unknown search parameter 'lamda_c'"),
+        ("train.epochs=uniform:1:5", "unknown search parameter"),
+        ("lambda_c=gaussian:0:1", "type must be one of"),
+        ("lambda_c=uniform:1:0", "must be below"),
+        ("lr=loguniform:0:0.1", "low > 0"),
+        ("lambda_s=uniform:-1:1", "cannot be negative"),
+        ("lambda_c", "expected name=kind:low:high"),
+    ],
+)
+def test_bad_search_spaces_are_refused(spec: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_space(build_config("synthetic"), [spec])
+
+
+def test_search_registers_a_champion_that_loads_and_predicts(ray_cluster, tiny_config, tiny_shards: Path,
+                                                             tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tiny_config(tiny_shards, tmp_path, "tracking.overlays=0")
+    settings = SearchSettings(name="search", trials=3, scheduler="asha", search="optuna", max_concurrent=1,
+                              workers_per_trial=1)
+    result = search(cfg, settings, default_space(cfg))
+
+    assert len(result.rows) == 3 and all(r.status == "finished" and r.epochs == 1 for r in result.rows)
+    client = MlflowClient(result.tracking_uri)
+    parent = client.get_run(result.parent_run_id)
+    assert parent.info.status == "FINISHED" and parent.data.metrics["trials"] == 3
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'")
+    assert len(children) == 3 and {c.info.status for c in children} == {"FINISHED"}
+    assert {c.data.tags["dfdam.trial_id"] for c in children} == {r.trial_id for r in result.rows}
+    # The first trial is the paper's point; the others differ.
+    lambdas = sorted((float(c.data.params["loss.lambda_c"]), float(c.data.params["loss.lambda_s"])) for c in children)
+    assert (0.4, 0.1) in lambdas and len(set(lambdas)) == 3
+    assert {a.path for a in client.list_artifacts(result.parent_run_id, "search")} >= {
+        "search/trials.txt", "search/miou_vs_params.png"}
+
+    registered = result.registered
+    assert registered is not None and registered["champion"] is True and registered["model"] == "dfdam-synthetic"
+    champion = client.get_model_version_by_alias("dfdam-synthetic", "champion")
+    assert str(champion.version) == registered["version"]
+    mlflow.set_tracking_uri(result.tracking_uri)
+    model = mlflow.pytorch.load_model("models:/dfdam-synthetic@champion")
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 64, 128)).shape == (1, 19, 64, 128)
+
+    capsys.readouterr()  # drop what the search printed
+    code = run.main(["evaluate", "--model", "models:/dfdam-synthetic@champion", "--data", str(tiny_shards),
+                     "--tracking-uri", result.tracking_uri, "--format", "json"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and report["miou"] == pytest.approx(registered["val_miou"], abs=1e-3)
+
+
+def test_impossible_resources_are_refused_before_anything_starts(ray_cluster, tiny_config, tiny_shards: Path,
+                                                                 tmp_path: Path) -> None:
+    from pipeline.train import ResourceError
+
+    cfg = tiny_config(tiny_shards, tmp_path)
+    settings = SearchSettings(name="too-big", trials=2, scheduler="asha", search="optuna", max_concurrent=3,
+                              workers_per_trial=1)
+    with pytest.raises(ResourceError, match="3 concurrent trials"):
+        search(cfg, settings, default_space(cfg))
+    assert not (tmp_path / "runs" / "too-big").exists()
+
+
+def _finished_trials(db: Path) -> int:
+    """Trials whose run is tagged finished, read with plain sqlite3 (read-only: an MLflow client
+    here would race the search process's own creation of the database)."""
+    if not db.exists():
+        return 0
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as con:
+            return con.execute("SELECT COUNT(*) FROM tags WHERE key = 'dfdam.status' AND value = 'finished'").fetchone()[0]
+    except sqlite3.Error:
+        return 0
+
+
+def test_an_interrupted_search_resumes_without_rerunning_finished_trials(ray_cluster, tiny_config, tiny_shards: Path,
+                                                                         tmp_path: Path) -> None:
+    db = tmp_path / "mlflow.db"
+    argv = [sys.executable, str(ROOT / "run.py"), "tune", "--preset", "synthetic", "--data", str(tiny_shards),
+            "--trials", "2", "--max-concurrent", "1", "--workers-per-trial", "1", "--epochs", "1", "--name", "cut",
+            "--storage", str(tmp_path / "runs"), "--set", "data.crop_size=64x64", "--set", "data.batch_size=4",
+            "--set", "data.eval_batch_size=2", "--set", f"tracking.uri=sqlite:///{db}", "--set", "tracking.overlays=0"]
+    proc = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + 300
+    while _finished_trials(db) < 1 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(1)
+    assert proc.poll() is None, f"the search ended before it could be interrupted:\n{proc.communicate()[0][-3000:]}"
+    assert _finished_trials(db) == 1, "no trial finished in time"
+    proc.send_signal(signal.SIGINT)  # Ctrl+C: Tune saves its state and stops
+    output, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 130, output[-3000:]
+    assert "--resume --name cut" in output
+
+    client = MlflowClient(f"sqlite:///{db}")
+    experiment = client.get_experiment_by_name("dfdam-synthetic")
+    done = client.search_runs([experiment.experiment_id], filter_string="tags.`dfdam.status` = 'finished'")
+    first_trial = done[0].data.tags["dfdam.trial_id"]
+
+    cfg = tiny_config(tiny_shards, tmp_path, "tracking.overlays=0")
+    resumed = search(cfg, SearchSettings(name="cut", trials=0, scheduler="asha", search="optuna", max_concurrent=1,
+                                         workers_per_trial=1), {}, resume=True)
+    assert len(resumed.rows) == 2 and {r.status for r in resumed.rows} == {"finished"}
+    assert first_trial in {r.trial_id for r in resumed.rows}
+    # The finished trial was not run again: its run still holds one epoch of metrics.
+    trial_runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`dfdam.trial_id` = '{first_trial}'")
+    assert len(trial_runs) == 1
+    assert len(client.get_metric_history(trial_runs[0].info.run_id, "val_miou")) == 1
