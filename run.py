@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 
 def _add_profile(sub: argparse._SubParsersAction) -> None:
@@ -180,7 +179,7 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
 def _cmd_tune(args: argparse.Namespace) -> int:
     import time
 
-    from pipeline.tune import SearchSettings, parse_space, print_result, search
+    from pipeline.tune import SearchInterrupted, SearchSettings, parse_space, print_result, search
 
     if args.resume and not args.name:
         raise SystemExit("run.py tune: --resume needs --name NAME of the search to continue")
@@ -191,8 +190,12 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         trials=args.trials, scheduler=args.scheduler, search=args.search,
         max_concurrent=args.max_concurrent, workers_per_trial=args.workers_per_trial, seed=args.seed,
     )
-    result = search(cfg, settings, space, resume=args.resume, address=args.address, register_as=args.register_as)
-    print_result(result, list(space))
+    try:
+        result = search(cfg, settings, space, resume=args.resume, address=args.address, register_as=args.register_as)
+    except SearchInterrupted as exc:
+        print(f"run.py tune: {exc}", file=sys.stderr)
+        return 130
+    print_result(result)
     return 0
 
 
@@ -298,7 +301,7 @@ def _add_shard(sub: argparse._SubParsersAction) -> None:
 def _cmd_shard(args: argparse.Namespace) -> int:
     import logging
 
-    from sharding.manifest import ManifestError
+    from sharding.manifest import ManifestError, rejects_path
     from sharding.samples import DatasetError, SampleError
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
@@ -327,8 +330,7 @@ def _cmd_shard(args: argparse.Namespace) -> int:
     print(format_summary(reports))
     for report in reports:
         if report.rejects:
-            print(f"{report.split}: {len(report.rejects)} rejected, listed in "
-                  f"{Path(args.out) / (report.split + '.rejects.jsonl')}")
+            print(f"{report.split}: {len(report.rejects)} rejected, listed in {rejects_path(args.out, report.split)}")
             for reject in report.rejects[:5]:
                 print(f"  {reject.message()}")
     print(f"manifests: {', '.join(str(r.manifest) for r in reports)}")

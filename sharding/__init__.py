@@ -1,0 +1,15 @@
+"""Data sharding: raw Cityscapes / VOC 2012 + SBD layouts -> WebDataset shards + Parquet manifest.
+
+Imports only numpy, Pillow, pyarrow, scipy, cityscapesscripts and tqdm (no torch, Ray,
+MLflow or webdataset), so sharding runs on any data-preparation machine. This package
+file imports nothing, so worker processes load only the modules they use.
+
+- :mod:`sharding.cityscapes`, :mod:`sharding.voc`: read the layouts users download.
+- :mod:`sharding.classes`: class names, colours, ignore index.
+- :mod:`sharding.samples`: one sample from its files to shard members and a manifest row.
+- :mod:`sharding.pack`: write one shard atomically, with its sidecar index.
+- :mod:`sharding.write`: shard whole splits in parallel, resumably; the summary table.
+- :mod:`sharding.manifest`: the Parquet manifest, the contract with ``pipeline/data.py``.
+- :mod:`sharding.verify`: re-read every shard against its manifest.
+- :mod:`sharding.synthetic`: a small learnable dataset in the real layouts.
+"""

@@ -1,0 +1,175 @@
+"""Re-read every shard and compare it with its manifest, sample by sample.
+
+Checked: each shard's byte size and sha256; the samples it holds, their order and
+their members (``<ext>``, ``label.png``, ``json``); each member's size and sha256; that
+``label.png`` is a single-channel PNG of the recorded size whose per-class pixel
+counts match; and that the ``json`` entry agrees with the row.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from sharding.manifest import Manifest, ManifestError, list_splits, read_manifest
+from sharding.samples import class_pixel_counts
+from sharding.pack import file_sha256
+
+
+@dataclass
+class SplitCheck:
+    """The outcome of verifying one split."""
+
+    split: str
+    samples: int = 0
+    shards: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def tar_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) for each sample of a tar, grouped as WebDataset groups them."""
+    key: str | None = None
+    members: dict[str, bytes] = {}
+    with tarfile.open(path, "r:") as tar:
+        for info in tar:
+            if not info.isfile():
+                continue
+            folder, _, base = info.name.rpartition("/")
+            stem, _, ext = base.partition(".")  # WebDataset: the key ends at the basename's first dot
+            prefix = f"{folder}/{stem}" if folder else stem
+            if prefix != key:
+                if key is not None:
+                    yield key, members
+                key, members = prefix, {}
+            handle = tar.extractfile(info)
+            members[ext] = handle.read() if handle else b""
+    if key is not None:
+        yield key, members
+
+
+def check_sample(row: dict[str, Any], members: dict[str, bytes], manifest: Manifest) -> list[str]:
+    """Problems of one sample's tar members against its manifest row (empty when it matches)."""
+    problems: list[str] = []
+    expected = {row["image_ext"], "label.png", "json"}
+    if set(members) != expected:
+        problems.append(f"members {sorted(members)}, expected {sorted(expected)}")
+    for name, column in ((row["image_ext"], "image"), ("label.png", "label")):
+        data = members.get(name)
+        if data is None:
+            continue
+        if len(data) != row[f"{column}_bytes"]:
+            problems.append(f"{name} has {len(data)} bytes, the manifest says {row[f'{column}_bytes']}")
+        elif hashlib.sha256(data).hexdigest() != row[f"{column}_sha256"]:
+            problems.append(f"{name} sha256 differs from the manifest")
+    label = members.get("label.png")
+    if label is not None:
+        try:
+            with Image.open(io.BytesIO(label)) as im:
+                mode, size = im.mode, im.size
+                train_ids = np.asarray(im)
+            if mode != "L" or size != (row["width"], row["height"]):
+                problems.append(f"label.png is mode {mode} {size[0]}x{size[1]}, expected mode L "
+                                f"{row['width']}x{row['height']}")
+            else:
+                counts, ignore = class_pixel_counts(train_ids, manifest.num_classes)
+                if counts != row["class_pixels"] or ignore != row["ignore_pixels"]:
+                    problems.append("label.png class pixel counts differ from the manifest")
+        except Exception as exc:
+            problems.append(f"label.png does not decode ({type(exc).__name__}: {exc})")
+    meta = members.get("json")
+    if meta is not None:
+        try:
+            info = json.loads(meta)
+            wanted = {"key": row["key"], "dataset": manifest.dataset, "split": manifest.split,
+                      "height": row["height"], "width": row["width"]}
+            wrong = {k: info.get(k) for k, v in wanted.items() if info.get(k) != v}
+            if wrong:
+                problems.append(f"json disagrees with the manifest on {wrong}")
+        except ValueError as exc:
+            problems.append(f"json does not parse ({exc})")
+    return problems
+
+
+def verify_split(shard_dir: Path | str, split: str, *, show_progress: bool = True) -> SplitCheck:
+    """Verify every shard of ``split`` in ``shard_dir`` against its manifest."""
+    check = SplitCheck(split=split)
+    try:
+        manifest = read_manifest(shard_dir, split, check_files=False)
+    except ManifestError as exc:
+        check.problems.append(str(exc))
+        return check
+    rows = manifest.table.to_pylist()
+    bar = tqdm(total=len(rows), unit="img", desc=f"verify {split}", disable=not show_progress)
+    start = 0
+    for info in manifest.shard_infos:
+        shard_rows = rows[start:start + info.samples]
+        start += info.samples
+        check.shards += 1
+        path = manifest.root / info.name
+        where = info.name
+        if not path.is_file():
+            check.problems.append(f"{where}: missing (expected {path})")
+            bar.update(len(shard_rows))
+            continue
+        size = path.stat().st_size
+        if size != info.bytes:
+            check.problems.append(f"{where}: {size} bytes, the manifest says {info.bytes}")
+        elif file_sha256(path) != info.sha256:
+            check.problems.append(f"{where}: sha256 differs from the manifest")
+        try:
+            found = list(tar_samples(path))
+        except (tarfile.TarError, OSError) as exc:
+            check.problems.append(f"{where}: unreadable tar ({type(exc).__name__}: {exc})")
+            bar.update(len(shard_rows))
+            continue
+        keys = [key for key, _ in found]
+        expected_keys = [row["key"] for row in shard_rows]
+        if keys != expected_keys:
+            missing = sorted(set(expected_keys) - set(keys))
+            extra = sorted(set(keys) - set(expected_keys))
+            check.problems.append(f"{where}: holds {len(keys)} samples, the manifest lists {len(expected_keys)}"
+                                  f"{'; missing ' + ', '.join(missing[:5]) if missing else ''}"
+                                  f"{'; not in the manifest ' + ', '.join(extra[:5]) if extra else ''}"
+                                  f"{'; order differs' if not missing and not extra else ''}")
+        by_key = dict(found)
+        for row in shard_rows:
+            members = by_key.get(row["key"])
+            if members is not None:
+                check.problems.extend(f"{where}: {row['key']}: {p}" for p in check_sample(row, members, manifest))
+                check.samples += 1
+            bar.update(1)
+    bar.close()
+    return check
+
+
+def verify_shards(shard_dir: Path | str, splits: Sequence[str] | None = None, *,
+                  show_progress: bool = True) -> list[SplitCheck]:
+    """Verify the named splits, or every split with a manifest in ``shard_dir``."""
+    names = list(splits) if splits else list_splits(shard_dir)
+    if not names:
+        return [SplitCheck(split="-", problems=[f"{shard_dir}: no *.manifest.parquet found; nothing to verify"])]
+    return [verify_split(shard_dir, name, show_progress=show_progress) for name in names]
+
+
+def format_checks(checks: Sequence[SplitCheck], max_problems: int = 20) -> str:
+    """One line per split, then the first problems of each."""
+    lines = []
+    for check in checks:
+        status = "ok" if check.ok else f"{len(check.problems)} problem(s)"
+        lines.append(f"{check.split}: {check.samples} samples in {check.shards} shards verified: {status}")
+        lines.extend(f"  {p}" for p in check.problems[:max_problems])
+        if len(check.problems) > max_problems:
+            lines.append(f"  ... and {len(check.problems) - max_problems} more")
+    return "\n".join(lines)
