@@ -20,15 +20,18 @@ test: $(STAMP)
 # it, train with 2 Ray workers (MLflow run + checkpoints), evaluate, then a small Ray Tune
 # search whose winner is registered as dfdam-synthetic@champion.
 DEMO := demo
-RUN_NAME := demo-$(shell date +%Y%m%d-%H%M%S)
+RUN_NAME := $(shell date +%Y%m%d-%H%M%S)
 DEMO_PY := ../$(PY) ../run.py
 
 demo: $(STAMP)
 	mkdir -p $(DEMO)
 	test -f $(DEMO)/raw/dfdam_synthetic.json || $(PY) run.py make-synthetic --layout cityscapes --out $(DEMO)/raw
 	$(PY) run.py shard --dataset cityscapes --root $(DEMO)/raw --out $(DEMO)/shards --shard-size 8 --split train val
-	cd $(DEMO) && $(DEMO_PY) train --preset synthetic --data shards --workers 2 --name $(RUN_NAME)
-	cd $(DEMO) && $(DEMO_PY) evaluate --model runs/$(RUN_NAME) --data shards
+	cd $(DEMO) && $(DEMO_PY) train --preset synthetic --data shards --workers 2 --name train-$(RUN_NAME)
+	cd $(DEMO) && $(DEMO_PY) evaluate --model runs/train-$(RUN_NAME) --data shards
+	cd $(DEMO) && $(DEMO_PY) tune --preset synthetic --data shards --trials 4 --epochs 4 --max-concurrent 2 \
+		--workers-per-trial 1 --name tune-$(RUN_NAME)
+	cd $(DEMO) && $(DEMO_PY) evaluate --model models:/dfdam-synthetic@champion --data shards
 	@echo
 	@echo "Look at the runs:  cd $(DEMO) && ../$(PY) -m mlflow ui --backend-store-uri sqlite:///$$(pwd)/$(DEMO)/mlflow.db"
 

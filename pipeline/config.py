@@ -174,7 +174,7 @@ def _preset_synthetic() -> Config:
             shuffle_buffer=32,
         ),
         optim=OptimConfig(lr=0.01, weight_decay=1e-4),
-        train=TrainConfig(epochs=8, workers=2, log_every=5),
+        train=TrainConfig(epochs=24, workers=2, log_every=6),
     )
 
 
