@@ -307,11 +307,11 @@ def connect_ray(address: str | None, resources: dict[str, float] | None = None) 
     """
     import ray
 
-    if ray.is_initialized():
-        return
     address = address or os.environ.get("RAY_ADDRESS")
     if address and address != "auto":
         probe_address(address)
+    if ray.is_initialized():  # already connected (a notebook, a test session)
+        return
     try:
         if address:
             ray.init(address=address, log_to_driver=True)

@@ -309,7 +309,8 @@ def search(cfg: Config, settings: SearchSettings, space: dict[str, Dimension], *
                                if settings.scheduler == "asha" else FIFOScheduler()),
                 ),
                 run_config=tune.RunConfig(name=settings.name, storage_path=str(storage),
-                                          failure_config=tune.FailureConfig(max_failures=0)),
+                                          failure_config=tune.FailureConfig(max_failures=0),
+                                          verbose=1),  # status tables, not every trial's full result
             )
         with _graceful_interrupt() as interrupted:
             results = tuner.fit()
