@@ -9,7 +9,6 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
@@ -37,3 +36,6 @@ demo: $(STAMP)
 
 profile: $(STAMP)
 	$(PY) run.py profile --backbone resnet101 --size 320x640
+
+clean-demo:
+	rm -rf $(DEMO)
