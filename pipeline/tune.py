@@ -243,7 +243,6 @@ def _settings_path(storage: Path, name: str) -> Path:
 def search(cfg: Config, settings: SearchSettings, space: dict[str, Dimension], *, resume: bool = False,
            address: str | None = None, register_as: str | None = None) -> SearchResult:
     """Run (or resume) a search; every input is checked before anything starts."""
-    import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -376,12 +375,11 @@ def _graceful_interrupt() -> Iterator[threading.Event]:
 
 
 def _trainable(cfg: Config, space: dict[str, Dimension], uri: str, experiment: str, parent_run_id: str):
+    import ray
     from ray import tune
 
     fn = tune.with_parameters(run_trial, base=cfg.to_dict(), keys={n: d.key for n, d in space.items()},
                               tracking_uri=uri, experiment=experiment, parent_run_id=parent_run_id)
-    import ray
-
     driver = ({TRIAL_DRIVER_RESOURCE: 0.01} if ray.cluster_resources().get(TRIAL_DRIVER_RESOURCE)
               else {"CPU": 0.01})
     return tune.with_resources(fn, driver)

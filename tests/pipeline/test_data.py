@@ -60,7 +60,7 @@ def test_evaluation_reads_each_sample_exactly_once(tiny_shards: Path, data_cfg: 
     keys: Counter[str] = Counter()
     pixels = 0
     for rank in range(world):
-        for images, labels, batch_keys in eval_loader(manifest, cfg, rank=rank, world_size=world):
+        for _images, labels, batch_keys in eval_loader(manifest, cfg, rank=rank, world_size=world):
             keys.update(batch_keys)
             pixels += int((labels != 255).sum())
     assert sorted(keys) == sorted(manifest.table.column("key").to_pylist())
