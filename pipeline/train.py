@@ -164,8 +164,10 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     import torch.distributed as dist
 
     cfg = Config.from_dict(loop_config["config"])
-    # Ray Train sends the root logger to the driver's console (print would appear twice).
+    # Ray Train sends the root logger to the driver's console (print would appear twice);
+    # its own per-report INFO lines stay out of it.
     log = logging.getLogger("dfdam.train").info
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
     uri, run_id = loop_config["tracking_uri"], loop_config["run_id"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

@@ -451,7 +451,7 @@ def _register_best(rows: list[TrialRow], uri: str, model_name: str, cfg: Config,
     best = max(finished, key=lambda r: r.val_miou)
     fingerprint = validation_fingerprint(val_manifest)
     version = tracking.register_model(uri, best.run_id, model_name,
-                                      tags={"val_miou": f"{best.val_miou:.6f}", "val_data": fingerprint,
+                                      tags={"val_miou": repr(best.val_miou), "val_data": fingerprint,
                                             "val_split": val_manifest.split})
     champion = tracking.get_alias(uri, model_name, "champion")
     champion_miou = None
