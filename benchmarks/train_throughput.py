@@ -81,8 +81,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import models  # noqa: E402
 from pipeline.config import DataConfig, LossConfig, OptimConfig  # noqa: E402
 from pipeline.data import decode_sample, train_loader  # noqa: E402
-from pipeline.losses import joint_loss  # noqa: E402
 from pipeline.optim import build_optimizer, set_lr  # noqa: E402
+from pipeline.train import train_step  # noqa: E402
 from pipeline.transforms import TrainTransform  # noqa: E402
 from sharding.cityscapes import IMAGE_SUFFIX, LABEL_SUFFIX, train_id_lut  # noqa: E402
 from sharding.manifest import Manifest, read_manifest  # noqa: E402
@@ -187,15 +187,7 @@ def time_training(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
         _sync(device)
         start, cpu_start = time.perf_counter(), time.process_time()
         set_lr(optimizer, optim_cfg.lr, iteration, max_iter, optim_cfg.poly_power)
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            outputs = model(images)
-            loss, parts = joint_loss(outputs, labels, loss_cfg.lambda_c, loss_cfg.lambda_s, loss_cfg.ignore_index)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss became {loss.item()} at step {iteration + 1}")
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        loss, parts = train_step(model, images, labels, optimizer, scaler, loss_cfg, amp)
         loss.item()  # the real loop logs it every step; also a device sync
         for value in parts.values():
             value.item()

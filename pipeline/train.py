@@ -28,7 +28,7 @@ import models
 from models import LogitsOnly
 from pipeline import tracking
 from pipeline.checkpoint import build_model, load_checkpoint, save_checkpoint
-from pipeline.config import Config, ConfigError
+from pipeline.config import Config, ConfigError, LossConfig
 from pipeline.data import eval_loader, steps_per_epoch, train_loader
 from pipeline.losses import joint_loss
 from pipeline.metrics import ConfusionMeter, format_iou_table, iou_per_class, mean_iou, pixel_accuracy
@@ -41,6 +41,31 @@ class ResourceError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------- plain PyTorch
+
+
+def train_step(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    loss_cfg: LossConfig,
+    amp_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One SGD step on Eq. 12's joint loss (under autocast when ``amp_dtype`` is given).
+
+    Returns the (detached) joint loss and its parts; the learning rate is the caller's.
+    """
+    with torch.autocast(images.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        outputs = model(images)
+        loss, parts = joint_loss(outputs, labels, loss_cfg.lambda_c, loss_cfg.lambda_s, loss_cfg.ignore_index)
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"loss became {loss.item()}")
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss.detach(), parts
 
 
 def train_one_epoch(
@@ -58,21 +83,16 @@ def train_one_epoch(
 ) -> dict[str, float]:
     """One pass of ``steps`` SGD steps with the poly LR (per iteration) and Eq. 12's loss."""
     model.train()
-    use_amp = cfg.train.amp and device.type == "cuda"
+    amp_dtype = torch.float16 if cfg.train.amp and device.type == "cuda" else None
     totals = {"loss": 0.0, "loss_p": 0.0, "loss_c": 0.0, "loss_s": 0.0}
     seen, start, lr, step = 0, time.perf_counter(), 0.0, 0
     for step, (images, labels) in enumerate(batches, start=1):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         lr = set_lr(optimizer, cfg.optim.lr, epoch * steps + step - 1, max_iter, cfg.optim.poly_power)
-        with torch.autocast(device.type, enabled=use_amp):
-            outputs = model(images)
-            loss, parts = joint_loss(outputs, labels, cfg.loss.lambda_c, cfg.loss.lambda_s, cfg.loss.ignore_index)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch + 1} step {step}: lower optim.lr")
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        try:
+            loss, parts = train_step(model, images, labels, optimizer, scaler, cfg.loss, amp_dtype)
+        except FloatingPointError as exc:
+            raise FloatingPointError(f"{exc} at epoch {epoch + 1} step {step}: lower optim.lr") from None
         totals["loss"] += loss.item()
         for k, v in parts.items():
             totals[k] += v.item()

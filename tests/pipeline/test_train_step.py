@@ -1,0 +1,54 @@
+"""The plain PyTorch training step and epoch, without Ray."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models import build_dfdam
+from pipeline.config import build_config
+from pipeline.optim import build_optimizer
+from pipeline.train import train_one_epoch, train_step
+
+
+def _batch() -> tuple[torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    labels = torch.zeros(2, 64, 64, dtype=torch.int64)
+    labels[:, :, 32:] = 1
+    images = torch.randn(2, 3, 64, 64) * 0.1
+    images[:, 0] += labels * 2.0  # class 1 is redder
+    return images, labels
+
+
+def test_repeated_steps_fit_a_batch() -> None:
+    cfg = build_config("synthetic")
+    torch.manual_seed(0)
+    model = build_dfdam(2).train()
+    optimizer = build_optimizer(model, cfg.optim)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    images, labels = _batch()
+    losses = [train_step(model, images, labels, optimizer, scaler, cfg.loss)[0].item() for _ in range(8)]
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_epoch_runs_every_step_and_reports(capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = build_config("synthetic", ["train.epochs=1", "train.log_every=2"])
+    model = build_dfdam(2)
+    optimizer = build_optimizer(model, cfg.optim)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    stats = train_one_epoch(model, [_batch()] * 3, optimizer, cfg, epoch=0, steps=3, max_iter=3,
+                            device=torch.device("cpu"), scaler=scaler)
+    assert set(stats) == {"loss", "loss_p", "loss_c", "loss_s", "lr", "images_per_s"}
+    assert stats["lr"] == pytest.approx(cfg.optim.lr * (1 - 2 / 3) ** 0.9)  # the poly rate of the last step
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(" loss")[0] for line in lines] == ["epoch 1/1 step 2/3", "epoch 1/1 step 3/3"]
+
+
+def test_a_diverging_loss_stops_with_advice() -> None:
+    cfg = build_config("synthetic")
+    model = build_dfdam(2)
+    optimizer = build_optimizer(model, cfg.optim)
+    images, labels = _batch()
+    images[0, 0, 0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="epoch 1 step 1: lower optim.lr"):
+        train_one_epoch(model, [(images, labels)], optimizer, cfg, epoch=0, steps=1, max_iter=1,
+                        device=torch.device("cpu"), scaler=torch.amp.GradScaler("cpu", enabled=False))
