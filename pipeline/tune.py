@@ -235,6 +235,14 @@ class SearchResult:
     wall_s: float
     grid_epochs: int
 
+    @property
+    def stopped_early(self) -> int:
+        return sum(r.status == "stopped early" for r in self.rows)
+
+    @property
+    def trial_epochs(self) -> int:
+        return sum(r.epochs for r in self.rows)
+
 
 def _settings_path(storage: Path, name: str) -> Path:
     return storage / f"{name}.search.json"
@@ -333,7 +341,7 @@ def search(cfg: Config, settings: SearchSettings, space: dict[str, Dimension], *
         wall = time.perf_counter() - started
         result = SearchResult(settings.name, list(space), parent_run_id, uri, rows, registered, wall,
                               grid_epochs=len(rows) * cfg.train.epochs)
-        _log_search(result, cfg, space)
+        _log_search(result)
     except BaseException:
         tracking.end_run(uri, parent_run_id, "FAILED")
         raise
@@ -481,19 +489,17 @@ def format_table(rows: list[TrialRow], names: list[str]) -> str:
     return "\n".join(lines)
 
 
-def _log_search(result: SearchResult, cfg: Config, space: dict[str, Dimension]) -> None:
+def _log_search(result: SearchResult) -> None:
     from pipeline.visualize import search_figure
 
-    names = list(space)
+    names = result.names
     uri, run_id = result.tracking_uri, result.parent_run_id
     tracking.log_text(uri, run_id, format_table(result.rows, names), "search/trials.txt")
     tracking.log_json(uri, run_id, [dataclasses.asdict(r) for r in result.rows], "search/trials.json")
     tracking.log_figure(uri, run_id, search_figure([(r.params, r.best_val_miou, r.status) for r in result.rows], names),
                         "search/miou_vs_params.png")
-    stopped = sum(r.status == "stopped early" for r in result.rows)
-    run_epochs = sum(r.epochs for r in result.rows)
     tracking.log_metrics(uri, run_id, {
-        "trials": len(result.rows), "trials_stopped_early": stopped, "trial_epochs": run_epochs,
+        "trials": len(result.rows), "trials_stopped_early": result.stopped_early, "trial_epochs": result.trial_epochs,
         "grid_epochs": result.grid_epochs, "wall_s": result.wall_s,
         "best_val_miou": max((r.best_val_miou for r in result.rows if not math.isnan(r.best_val_miou)), default=float("nan")),
     }, step=0)
@@ -502,16 +508,13 @@ def _log_search(result: SearchResult, cfg: Config, space: dict[str, Dimension]) 
 
 
 def print_result(result: SearchResult) -> None:
-    names = result.names
-    stopped = sum(r.status == "stopped early" for r in result.rows)
-    run_epochs = sum(r.epochs for r in result.rows)
-    print(f"\nsearch {result.name}: {len(result.rows)} trials, {stopped} stopped early by the scheduler, "
-          f"{run_epochs} trial-epochs run of {result.grid_epochs} for every trial run to the end, "
+    print(f"\nsearch {result.name}: {len(result.rows)} trials, {result.stopped_early} stopped early by the "
+          f"scheduler, {result.trial_epochs} trial-epochs run of {result.grid_epochs} for every trial run to the end, "
           f"{result.wall_s:.0f} s\n")
-    print(format_table(result.rows, names))
+    print(format_table(result.rows, result.names))
     if result.registered:
         reg = result.registered
-        verdict = "now champion" if reg["champion"] else "champion unchanged (it scores higher)"
+        verdict = "now champion" if reg["champion"] else "champion unchanged (it scores at least as high)"
         print(f"\nregistered {reg['model']} version {reg['version']} (trial {reg['trial_id']}, val mIoU "
               f"{reg['val_miou']:.4f}): {verdict}")
         print(f"  load it: models:/{reg['model']}@champion")
