@@ -433,10 +433,12 @@ def _collect_rows(results, max_epochs: int, uri: str, experiment: str, parent_ru
             status = "finished"
         else:
             status = "stopped early"
-        if child is not None and child.info.status == "RUNNING":
+        expected = {"finished": "FINISHED", "error": "FAILED"}.get(status, "KILLED")
+        if child is not None and child.info.status != expected:
+            # Tune can stop a trial right after its last report, while it closes its own run
+            # (left RUNNING, or marked FAILED by the stop); Tune's view of the trial decides.
             tracking.set_tags(uri, child.info.run_id, {"dfdam.status": status.replace(" ", "_")})
-            # A trial can be stopped right after its last report, before it closes its own run.
-            tracking.end_run(uri, child.info.run_id, {"finished": "FINISHED", "error": "FAILED"}.get(status, "KILLED"))
+            tracking.end_run(uri, child.info.run_id, expected)
         rows.append(TrialRow(
             trial_id=trial_id,
             params={n: float(result.config[n]) for n in names if n in (result.config or {})},
