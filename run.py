@@ -359,7 +359,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean bad input: printed as one clear line, no traceback."""
     errors: list[type[BaseException]] = [FileNotFoundError, FileExistsError, NotADirectoryError, ConnectionError]
     for module, name in (("pipeline.config", "ConfigError"), ("sharding.manifest", "ManifestError"),
-                         ("pipeline.tracking", "TrackingError"), ("pipeline.train", "ResourceError")):
+                         ("pipeline.tracking", "TrackingError"), ("pipeline.cluster", "ResourceError")):
         mod = sys.modules.get(module)
         if mod is not None:
             errors.append(getattr(mod, name))

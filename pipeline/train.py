@@ -27,6 +27,7 @@ from torch import nn
 import models
 from models import LogitsOnly
 from pipeline import tracking
+from pipeline.cluster import check_resources, connect_ray
 from pipeline.checkpoint import build_model, load_checkpoint, save_checkpoint
 from pipeline.config import Config, ConfigError, LossConfig
 from pipeline.data import eval_loader, steps_per_epoch, train_loader
@@ -34,10 +35,6 @@ from pipeline.losses import joint_loss
 from pipeline.metrics import ConfusionMeter, format_iou_table, iou_per_class, mean_iou, pixel_accuracy
 from pipeline.optim import build_optimizer, set_lr
 from sharding.manifest import Manifest, ManifestError, read_manifest
-
-
-class ResourceError(RuntimeError):
-    """The Ray cluster cannot hold what was asked for."""
 
 
 # ----------------------------------------------------------------------------- plain PyTorch
@@ -303,68 +300,8 @@ def check_inputs(cfg: Config) -> tuple[Manifest, Manifest]:
     return train_manifest, val_manifest
 
 
-def probe_address(address: str, timeout_s: float = 5.0) -> None:
-    """A TCP connect to ``host:port`` (Ray's own client retries for minutes before failing)."""
-    import socket
-
-    hostport = address.split("://", 1)[-1].rstrip("/")
-    host, sep, port = hostport.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ConnectionError(f"Ray address {address!r}: expected host:port (or ray://host:port, or auto)")
-    try:
-        with socket.create_connection((host, int(port)), timeout=timeout_s):
-            pass
-    except OSError as exc:
-        raise ConnectionError(
-            f"cannot reach the Ray cluster at {address!r} ({exc}). Start one with `ray start --head` "
-            "or leave --address and RAY_ADDRESS unset to run a local cluster"
-        ) from None
-
-
-def connect_ray(address: str | None, resources: dict[str, float] | None = None) -> None:
-    """Join ``address`` (or ``$RAY_ADDRESS``), or start a local cluster; clear error if unreachable.
-
-    ``resources``: custom resources for a local cluster (Tune's trial drivers hold a sliver of
-    one instead of a CPU).
-    """
-    import ray
-
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address and address != "auto":
-        probe_address(address)
-    if ray.is_initialized():  # already connected (a notebook, a test session)
-        return
-    try:
-        if address:
-            ray.init(address=address, log_to_driver=True)
-        else:
-            ray.init(resources=resources, log_to_driver=True)
-    except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise ConnectionError(
-            f"cannot reach the Ray cluster at {address!r}: {exc}. Start one with `ray start --head` "
-            "or leave --address and RAY_ADDRESS unset to run a local cluster"
-        ) from None
-
-
 def worker_resources(cfg: Config) -> dict[str, float]:
     return {"CPU": cfg.train.cpus_per_worker} | ({"GPU": 1} if cfg.train.gpu else {})
-
-
-def check_resources(workers: int, per_worker: dict[str, float], concurrent: int = 1) -> None:
-    """Refuse, before anything starts, a request the connected cluster can never hold."""
-    import ray
-
-    total = ray.cluster_resources()
-    for resource, amount in per_worker.items():
-        need = amount * workers * concurrent
-        have = total.get(resource, 0.0)
-        if need > have:
-            raise ResourceError(
-                f"{workers} worker(s) x {amount:g} {resource}"
-                + (f" x {concurrent} concurrent trials" if concurrent > 1 else "")
-                + f" = {need:g} {resource}, but the Ray cluster has {have:g}: use fewer workers"
-                + (" or drop --gpu" if resource == "GPU" else "")
-            )
 
 
 def make_trainer(cfg: Config, *, name: str, tracking_uri: str, run_id: str, callbacks: list | None = None):

@@ -26,7 +26,8 @@ from typing import Any
 
 from pipeline import tracking
 from pipeline.config import Config, ConfigError, apply_overrides
-from pipeline.train import absolute_paths, check_inputs, check_resources, connect_ray, make_trainer, worker_resources
+from pipeline.cluster import check_resources, connect_ray
+from pipeline.train import absolute_paths, check_inputs, make_trainer, worker_resources
 from sharding.manifest import Manifest
 
 # Short names for the paper's three knobs; any numeric config field "section.field" also works.

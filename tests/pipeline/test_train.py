@@ -11,7 +11,8 @@ from mlflow.tracking import MlflowClient
 
 import run
 from pipeline.checkpoint import load_checkpoint
-from pipeline.train import ResourceError, fit
+from pipeline.cluster import ResourceError
+from pipeline.train import fit
 
 
 def test_two_workers_train_checkpoint_track_and_resume(ray_cluster, tiny_config, tiny_shards: Path, tmp_path: Path) -> None:

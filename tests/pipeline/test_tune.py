@@ -95,7 +95,7 @@ def test_search_registers_a_champion_that_loads_and_predicts(ray_cluster, tiny_c
 
 def test_impossible_resources_are_refused_before_anything_starts(ray_cluster, tiny_config, tiny_shards: Path,
                                                                  tmp_path: Path) -> None:
-    from pipeline.train import ResourceError
+    from pipeline.cluster import ResourceError
 
     cfg = tiny_config(tiny_shards, tmp_path)
     settings = SearchSettings(name="too-big", trials=2, scheduler="asha", search="optuna", max_concurrent=3,
