@@ -58,7 +58,11 @@ def _add_config_args(p: argparse.ArgumentParser, default_preset: str = "syntheti
     p.add_argument("--epochs", type=int, help="epochs (train.epochs)")
     p.add_argument("--gpu", action="store_true", help="one GPU per worker, NCCL, mixed precision")
     p.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local cluster)")
-    p.add_argument("--storage", help="Ray Train storage folder for checkpoints (train.storage, default ./runs)")
+    p.add_argument("--storage", help="Ray Train storage folder for checkpoints (train.storage, default ./runs); "
+                                     "on a multi-node cluster a path every node reaches (NFS, or s3://...)")
+    p.add_argument("--max-failures", type=int, metavar="N",
+                   help="restarts from the latest checkpoint after a lost worker or node (train.max_failures; "
+                        "presets: cityscapes and voc 3, synthetic 0; -1 = no limit)")
 
 
 def _config_from_args(args: argparse.Namespace):
@@ -73,6 +77,8 @@ def _config_from_args(args: argparse.Namespace):
         overrides.append("train.gpu=true")
     if args.storage:
         overrides.append(f"train.storage={args.storage}")
+    if args.max_failures is not None:
+        overrides.append(f"train.max_failures={args.max_failures}")
     return build_config(args.preset, overrides)
 
 
@@ -377,6 +383,10 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, _user_errors()):
             print(f"run.py {args.command}: error: {exc}", file=sys.stderr)
             return 2
+        training = sys.modules.get("pipeline.train")
+        if training is not None and isinstance(exc, training.TrainingError):
+            print(f"run.py {args.command}: error: {exc}", file=sys.stderr)
+            return 1
         raise
 
 

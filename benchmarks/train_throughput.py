@@ -81,7 +81,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import models  # noqa: E402
 from pipeline.config import DataConfig, LossConfig, OptimConfig  # noqa: E402
 from pipeline.data import decode_sample, train_loader  # noqa: E402
-from pipeline.optim import build_optimizer, set_lr  # noqa: E402
+from pipeline.optim import PolySchedule, build_optimizer, set_lr  # noqa: E402
 from pipeline.train import train_step  # noqa: E402
 from pipeline.transforms import TrainTransform  # noqa: E402
 from sharding.cityscapes import IMAGE_SUFFIX, LABEL_SUFFIX, train_id_lut  # noqa: E402
@@ -180,13 +180,14 @@ def time_training(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
     optimizer = build_optimizer(model, optim_cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
     max_iter = warmup + steps
+    schedule = PolySchedule(optim_cfg.lr, max_iter, optim_cfg.poly_power)
     model.train()
     times: list[float] = []
     cpu = 0.0
     for iteration in range(max_iter):
         _sync(device)
         start, cpu_start = time.perf_counter(), time.process_time()
-        set_lr(optimizer, optim_cfg.lr, iteration, max_iter, optim_cfg.poly_power)
+        set_lr(optimizer, schedule, iteration)
         loss, parts = train_step(model, images, labels, optimizer, scaler, loss_cfg, amp)
         loss.item()  # the real loop logs it every step; also a device sync
         for value in parts.values():

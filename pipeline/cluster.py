@@ -1,56 +1,165 @@
 """Join a Ray cluster or start a local one; refuse what the cluster cannot hold.
 
 Ray calls live here, in ``pipeline/train.py`` and in ``pipeline/tune.py`` only.
+
+Every failure to join or start a cluster is raised as :class:`ConnectionError` (``run.py``
+prints it as one line), and the checks below fail in about a second where ``ray.init``
+itself would retry for half a minute or more:
+
+- no address: always a fresh local cluster (``address="local"``), never the address that
+  the last ``ray start`` left in Ray's temp folder (``ray_current_cluster``), which outlives
+  a stopped node and made ``ray.init()`` hang for minutes on a dead GCS;
+- an explicit address: a TCP connect, then one unauthenticated-or-not GCS call that tells
+  a cluster asking for a token (Ray 2.60's default) from one that is simply down.
 """
 from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
+
+AUTH_MODE_ENV = "RAY_AUTH_MODE"
+AUTH_TOKEN_ENV = "RAY_AUTH_TOKEN"
+AUTH_TOKEN_PATH_ENV = "RAY_AUTH_TOKEN_PATH"
+DEFAULT_TOKEN_PATH = Path("~/.ray/auth_token")
+_START_ONE = ("Start one with `ray start --head` or leave --address and RAY_ADDRESS unset to run a "
+              "local cluster")
 
 
 class ResourceError(RuntimeError):
     """The Ray cluster cannot hold what was asked for."""
 
 
-def probe_address(address: str, timeout_s: float = 5.0) -> None:
-    """A TCP connect to ``host:port`` (Ray's own client retries for minutes before failing)."""
+def _hostport(address: str) -> tuple[str, int]:
     hostport = address.split("://", 1)[-1].rstrip("/")
     host, sep, port = hostport.rpartition(":")
     if not sep or not port.isdigit():
         raise ConnectionError(f"Ray address {address!r}: expected host:port (or ray://host:port, or auto)")
+    return host.strip("[]"), int(port)
+
+
+def probe_address(address: str, timeout_s: float = 5.0) -> None:
+    """A TCP connect to ``host:port`` (Ray's own client retries for minutes before failing)."""
+    host, port = _hostport(address)
     try:
-        with socket.create_connection((host, int(port)), timeout=timeout_s):
+        with socket.create_connection((host, port), timeout=timeout_s):
             pass
     except OSError as exc:
+        raise ConnectionError(f"cannot reach the Ray cluster at {address!r} ({exc}). {_START_ONE}") from None
+
+
+def auth_token() -> tuple[str, str] | None:
+    """The token this process would send, and where it comes from, in Ray's own order.
+
+    ``RAY_AUTH_TOKEN``, else the file named by ``RAY_AUTH_TOKEN_PATH``, else
+    ``~/.ray/auth_token`` (what ``ray.init()`` of a local cluster writes). ``None`` if none.
+    """
+    token = os.environ.get(AUTH_TOKEN_ENV, "").strip()
+    if token:
+        return token, f"${AUTH_TOKEN_ENV}"
+    path_env = os.environ.get(AUTH_TOKEN_PATH_ENV)
+    path = Path(path_env).expanduser() if path_env else DEFAULT_TOKEN_PATH.expanduser()
+    try:
+        token = path.read_text().strip()
+    except OSError:
+        return None
+    return (token, str(path)) if token else None
+
+
+def _auth_help(address: str) -> str:
+    return (f"Ray 2.60 clusters use token authentication by default (`ray start --head` turns it on "
+            f"whenever a token exists, and every local ray.init() writes one to ~/.ray/auth_token). "
+            f"Give this process the token of the cluster at {address}: `export {AUTH_MODE_ENV}=token` and "
+            f"either `export {AUTH_TOKEN_ENV}=<token>` or put the token in ~/.ray/auth_token (or a file named "
+            f"by {AUTH_TOKEN_PATH_ENV}), copied from the head node, where `ray get-auth-token` prints it")
+
+
+def check_auth(address: str, timeout_s: float = 5.0) -> None:
+    """Refuse, in milliseconds, to join a cluster that will not accept this process's token.
+
+    One ``GetClusterId`` call to the GCS with the metadata ``ray.init`` would send: the token
+    only when ``RAY_AUTH_MODE=token``. ``UNAUTHENTICATED`` means the token is missing or wrong
+    (``ray.init`` would retry for about 30 s, then report a plain connection failure); any
+    other outcome (a TLS cluster, an old GCS, grpc missing) is left to ``ray.init``.
+    """
+    host, port = _hostport(address)
+    opted_in = os.environ.get(AUTH_MODE_ENV, "").lower() == "token"
+    found = auth_token()
+    if opted_in and found is None:
+        raise ConnectionError(f"{AUTH_MODE_ENV}=token but no token found (${AUTH_TOKEN_ENV}, "
+                              f"${AUTH_TOKEN_PATH_ENV} or ~/.ray/auth_token). " + _auth_help(address))
+    try:
+        import grpc
+        from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+    except ImportError:
+        return
+    metadata = (("authorization", f"Bearer {found[0]}"),) if opted_in and found else None
+    target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        with grpc.insecure_channel(target) as channel:
+            gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetClusterId(
+                gcs_service_pb2.GetClusterIdRequest(), timeout=timeout_s, metadata=metadata)
+    except grpc.RpcError as exc:
+        if exc.code() != grpc.StatusCode.UNAUTHENTICATED:
+            return
+        if opted_in:
+            raise ConnectionError(
+                f"the Ray cluster at {address!r} refused the authentication token from {found[1]}: it is not "
+                f"this cluster's token. " + _auth_help(address)) from None
+        # Not opted in. Setting RAY_AUTH_MODE=token for the user would make this "just work"
+        # when ~/.ray/auth_token happens to hold the right token, but Ray 2.60 deliberately
+        # never enables token auth for an explicit address (only for a cluster it finds
+        # locally): the token is a credential that runs code on the cluster it belongs to,
+        # and sending it to whatever host --address or RAY_ADDRESS names would hand it to that
+        # host. A token found here may also be a local cluster's, not this one's. So the user
+        # opts in, and we say exactly how, rather than guess.
+        mode = os.environ.get(AUTH_MODE_ENV)
+        state = f"{AUTH_MODE_ENV} is {'unset' if mode is None else repr(mode)}"
+        hint = (f"; a token is available from {found[1]}: if it is this cluster's, `export {AUTH_MODE_ENV}=token` "
+                "is enough" if found else "")
         raise ConnectionError(
-            f"cannot reach the Ray cluster at {address!r} ({exc}). Start one with `ray start --head` "
-            "or leave --address and RAY_ADDRESS unset to run a local cluster"
-        ) from None
+            f"the Ray cluster at {address!r} requires an authentication token and this process sent none "
+            f"({state}{hint}). " + _auth_help(address)) from None
 
 
-def connect_ray(address: str | None, resources: dict[str, float] | None = None) -> None:
-    """Join ``address`` (or ``$RAY_ADDRESS``), or start a local cluster; clear error if unreachable.
+def connect_ray(address: str | None, resources: dict[str, float] | None = None, *,
+                node_ip_address: str | None = None) -> None:
+    """Join ``address`` (or ``$RAY_ADDRESS``), or start a fresh local cluster.
 
     ``resources``: custom resources for a local cluster (Tune's trial drivers hold a sliver of
-    one instead of a CPU).
+    one instead of a CPU); ignored when joining. ``node_ip_address``: the IP of this driver's
+    node (``ray.init(_node_ip_address=...)``, the driver's counterpart of ``ray start
+    --node-ip-address``; Ray 2.60 reads no environment variable for it). Note that Ray itself
+    replaces a loopback address (127.0.0.1, localhost, ::1), here and in ``--node-ip-address``
+    and ``--address``, by the address its host routes outwards on. Raises
+    :class:`ConnectionError` for anything that stops the connection.
     """
     import ray
 
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address and address != "auto":
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    explicit = address is not None and address not in ("auto", "local")
+    if explicit:
         probe_address(address)
+        if "://" not in address:  # ray:// is the Ray Client server, not the GCS
+            check_auth(address)
     if ray.is_initialized():  # already connected (a notebook, a test session)
         return
+    kwargs = {"_node_ip_address": node_ip_address} if node_ip_address else {}
     try:
         if address:
-            ray.init(address=address, log_to_driver=True)
+            ray.init(address=address, log_to_driver=True, **kwargs)
         else:
-            ray.init(resources=resources, log_to_driver=True)
-    except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise ConnectionError(
-            f"cannot reach the Ray cluster at {address!r}: {exc}. Start one with `ray start --head` "
-            "or leave --address and RAY_ADDRESS unset to run a local cluster"
-        ) from None
+            # "local": a new cluster even when Ray's temp folder names one (ray_current_cluster
+            # is left behind by every stopped `ray start`, and plain ray.init() would follow it).
+            ray.init(address="local", resources=resources, log_to_driver=True, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - Ray raises many types; all mean "no cluster"
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if not address:
+            raise ConnectionError(f"could not start a local Ray cluster: {message}") from None
+        if "auth" in message.lower() or "token" in message.lower():
+            raise ConnectionError(f"cannot join the Ray cluster at {address!r}: {message}. "
+                                  + _auth_help(address)) from None
+        raise ConnectionError(f"cannot reach the Ray cluster at {address!r}: {message}. {_START_ONE}") from None
 
 
 def check_resources(workers: int, per_worker: dict[str, float], concurrent: int = 1) -> None:

@@ -83,7 +83,7 @@ class TrainConfig:
     amp: bool = True  # mixed precision, applied on GPU only
     sync_bn: bool = True  # SyncBatchNorm, applied only with GPUs and more than one worker
     seed: int = 0
-    max_failures: int = 0  # worker-group restarts Ray Train may try from the last checkpoint
+    max_failures: int = 0  # worker-group restarts from the latest checkpoint (lost worker or node); -1: no limit
     storage: str = "runs"  # Ray Train storage folder (made absolute before use)
     timeout_s: int = 1800  # collective timeout (gloo/NCCL)
     log_every: int = 10  # steps between progress lines
@@ -140,13 +140,19 @@ class Config:
 _SECTIONS = ("model", "data", "optim", "loss", "train", "tracking")
 
 
+# The cluster presets survive this many lost workers or nodes per run (each restart resumes from
+# the latest checkpoint, losing at most one epoch): preemptions and node losses are routine on a
+# multi-node cluster, and a persistent fault still ends the run after a few tries.
+CLUSTER_MAX_FAILURES = 3
+
+
 def _preset_cityscapes() -> Config:
     return Config(
         preset="cityscapes",
         dataset="cityscapes",
         data=DataConfig(crop_size=(1024, 1024), batch_size=8),
         optim=OptimConfig(lr=0.01, weight_decay=5e-4),
-        train=TrainConfig(epochs=200),
+        train=TrainConfig(epochs=200, max_failures=CLUSTER_MAX_FAILURES),
     )
 
 
@@ -157,7 +163,7 @@ def _preset_voc() -> Config:
         model=ModelConfig(backbone="resnet101"),
         data=DataConfig(train_split="train_aug", crop_size=(512, 512), batch_size=16),
         optim=OptimConfig(lr=0.001, weight_decay=1e-5),
-        train=TrainConfig(epochs=50),
+        train=TrainConfig(epochs=50, max_failures=CLUSTER_MAX_FAILURES),
     )
 
 
@@ -259,6 +265,7 @@ def validate(config: Config) -> Config:
         (config.loss.lambda_c >= 0 and config.loss.lambda_s >= 0, "loss.lambda_c and loss.lambda_s must be >= 0"),
         (config.train.epochs >= 1, "train.epochs must be at least 1"),
         (config.train.workers >= 1, "train.workers must be at least 1"),
+        (config.train.max_failures >= -1, "train.max_failures must be -1 (no limit) or at least 0"),
         (config.data.batch_size >= config.train.workers, "data.batch_size (global) must be at least train.workers"),
         (config.data.batch_size % config.train.workers == 0, "data.batch_size must be divisible by train.workers"),
         (all(s > 0 for s in config.data.scales), "data.scales must be positive"),

@@ -8,7 +8,9 @@ Shards are found only through the Parquet manifest written by ``sharding/``.
   rank therefore runs the same number of steps and no rank waits in an all-reduce.
 * Evaluation (:func:`eval_loader`): rank r reads shards r, r + world, r + 2 world, ...,
   split further between loader workers, each shard once: every validation sample is
-  counted exactly once across all ranks.
+  counted exactly once across all ranks. A batch holds images of one size from one shard
+  (:func:`batch_by_size`): nothing is padded, so a prediction never depends on the other
+  images of its batch, and the batches are the same whatever the number of ranks.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import webdataset as wds
 from PIL import Image
 
 from pipeline.config import DataConfig
-from pipeline.transforms import EvalTransform, TrainTransform, pad_collate
+from pipeline.transforms import EvalTransform, TrainTransform
 from sharding.manifest import Manifest
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg")
@@ -115,19 +117,50 @@ class _EvalDecode:
     def __init__(self, transform: EvalTransform) -> None:
         self.transform = transform
 
-    def __call__(self, sample: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, str]:
+    def __call__(self, sample: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, str, str]:
         decoded = decode_sample(sample)
         image, label = self.transform(decoded["image"], decoded["label"])
-        return image, label, decoded["key"]
+        return image, label, decoded["key"], sample.get("__url__", "")
+
+
+def batch_by_size(batch_size: int):
+    """A pipeline stage: consecutive ``(image, label, key, shard)`` samples -> batches of up to
+    ``batch_size`` images that share one size and one shard.
+
+    Padding images to a common size would change predictions near the padding (convolutions,
+    and DAFM's global pooling sees the padded area): batches of one size need none. Closing a
+    batch at each shard boundary makes the batches depend on the shard alone, not on how the
+    shards were dealt to ranks and loader workers, so 1 or N ranks evaluate identical batches.
+    Yields ``(images (B, 3, H, W), labels (B, H, W), keys)``.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_by_size: batch_size must be at least 1, got {batch_size}")
+
+    def stage(samples: Iterator[tuple[torch.Tensor, torch.Tensor, str, str]]):
+        pending: list[tuple[torch.Tensor, torch.Tensor, str, str]] = []
+        for sample in samples:
+            group = (tuple(sample[0].shape), sample[3])
+            if pending and (len(pending) == batch_size or (tuple(pending[0][0].shape), pending[0][3]) != group):
+                yield _stack(pending)
+                pending = []
+            pending.append(sample)
+        if pending:
+            yield _stack(pending)
+
+    return stage
+
+
+def _stack(samples: list[tuple[torch.Tensor, torch.Tensor, str, str]]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    images, labels, keys, _ = zip(*samples)
+    return torch.stack(images), torch.stack(labels), list(keys)  # (B, 3, H, W), (B, H, W)
 
 
 def eval_loader(
     manifest: Manifest, cfg: DataConfig, *, rank: int = 0, world_size: int = 1
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
-    """Each of this rank's shards once, in order; batches padded with ignore labels.
+    """Each of this rank's shards once, in order, in batches of one image size (no padding).
 
-    Yields ``(images (B,3,H,W), labels (B,H,W), keys)``; padding pixels carry label 255 so
-    they are never counted.
+    Yields ``(images (B,3,H,W), labels (B,H,W), keys)``; see :func:`batch_by_size`.
     """
     shards = rank_shards(manifest, rank, world_size)
     if not shards:  # more ranks than shards: this rank has nothing to count
@@ -137,7 +170,7 @@ def eval_loader(
         wds.split_by_worker,
         wds.tarfile_to_samples(handler=wds.reraise_exception),
         wds.map(_EvalDecode(EvalTransform(cfg.mean, cfg.std))),
-        wds.batched(cfg.eval_batch_size, collation_fn=pad_collate, partial=True),
+        batch_by_size(cfg.eval_batch_size),
     )
     workers = min(cfg.loader_workers, len(shards))
     return wds.WebLoader(pipeline, batch_size=None, num_workers=workers)

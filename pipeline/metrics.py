@@ -10,8 +10,8 @@ across ranks exactly once (``torch.distributed.all_reduce(cm, op=SUM)``) and onl
 computes IoU. Averaging per-rank mIoUs instead would be wrong. Nothing in this module
 talks to other ranks.
 
-Pixels whose target is ``ignore_index`` (255: void labels and the padding added by
-:func:`pipeline.transforms.pad_collate`) are never counted.
+Pixels whose target is ``ignore_index`` (255: void labels, and the padding of training
+crops) are never counted.
 """
 from __future__ import annotations
 

@@ -119,6 +119,14 @@ def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int) -> 
     MlflowClient(uri).log_batch(run_id, metrics=items)
 
 
+def log_metrics_once(uri: str, run_id: str, metrics: dict[str, float], step: int, key: str = "val_miou") -> bool:
+    """Log ``metrics`` at ``step`` unless the run's ``key`` history already has that step."""
+    if any(m.step == step for m in MlflowClient(uri).get_metric_history(run_id, key)):
+        return False
+    log_metrics(uri, run_id, metrics, step)
+    return True
+
+
 def log_json(uri: str, run_id: str, data: Any, name: str) -> None:
     MlflowClient(uri).log_dict(run_id, data, name)
 

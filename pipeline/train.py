@@ -1,20 +1,21 @@
 """Training: a plain PyTorch loop, a thin Ray Train worker around it, and the driver.
 
-Read top to bottom: :func:`train_one_epoch` and :func:`evaluate` are ordinary PyTorch;
+Read top to bottom: :func:`setup_training`, :func:`train_one_epoch` and
+:func:`average_buffers` are ordinary PyTorch (evaluation is ``pipeline/evaluate.py``);
 :func:`train_worker` is what each Ray Train worker runs (DDP set up by Ray, gloo on CPU,
-NCCL on GPU); :func:`fit` is the driver: it checks every input before any work starts,
-opens the MLflow run, and launches a ``TorchTrainer``. Ray calls live here and in
-``pipeline/tune.py`` only.
+NCCL on GPU); :class:`EpochLogger` writes each epoch's metrics to MLflow from the Ray Train
+controller once the epoch's checkpoint is registered; :func:`fit` is the driver: it checks
+every input before any work starts, opens the MLflow run, and launches a ``TorchTrainer``.
+Ray calls live here, in ``pipeline/cluster.py`` and in ``pipeline/tune.py`` only.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
-import os
+import json
+import logging
 import sys
 import tempfile
 import time
-import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,17 +28,64 @@ from torch import nn
 import models
 from models import LogitsOnly
 from pipeline import tracking
+from pipeline.checkpoint import RECORD_FILE, build_model, latest_checkpoint, load_checkpoint, save_checkpoint
 from pipeline.cluster import check_resources, connect_ray
-from pipeline.checkpoint import build_model, load_checkpoint, save_checkpoint
 from pipeline.config import Config, ConfigError, LossConfig
 from pipeline.data import eval_loader, steps_per_epoch, train_loader
+from pipeline.evaluate import epoch_metrics, evaluate, prediction_overlays
 from pipeline.losses import joint_loss
-from pipeline.metrics import ConfusionMeter, format_iou_table, iou_per_class, mean_iou, pixel_accuracy
-from pipeline.optim import build_optimizer, set_lr
+from pipeline.metrics import format_iou_table
+from pipeline.optim import PolySchedule, build_optimizer, set_lr
 from sharding.manifest import Manifest, ManifestError, read_manifest
 
 
+class TrainingError(RuntimeError):
+    """A training run failed and Ray Train could not (or may not) restore it."""
+
+
 # ----------------------------------------------------------------------------- plain PyTorch
+
+
+@dataclass
+class TrainingState:
+    """Everything a training loop carries from epoch to epoch, on one device."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    schedule: PolySchedule
+    start_epoch: int = 0  # the first epoch still to run (0-based)
+    best: float = -1.0  # best validation mIoU so far
+
+
+def setup_training(cfg: Config, num_classes: int, steps: int, device: torch.device,
+                   state: dict[str, Any] | None = None) -> TrainingState:
+    """Model, optimizer, grad scaler and poly schedule on ``device``, fresh or from a checkpoint.
+
+    The model is moved to ``device`` *before* the optimizer is built and its state loaded,
+    so SGD's momentum buffers (and the scaler's state) land on the parameters' device:
+    ``Optimizer.load_state_dict`` casts each state tensor to its parameter's device. A resume
+    continues the checkpoint's :class:`PolySchedule` step for step; a new ``train.epochs``
+    retargets it from the rate already reached (:meth:`PolySchedule.retarget`), never back up.
+    """
+    model = build_model(cfg.model, num_classes, pretrained=state is None).to(device)
+    optimizer = build_optimizer(model, cfg.optim)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp and device.type == "cuda")
+    end = steps * cfg.train.epochs
+    if state is None:
+        return TrainingState(model, optimizer, scaler, PolySchedule(cfg.optim.lr, end, cfg.optim.poly_power))
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    done = int(state["step"])
+    if state.get("schedule"):
+        schedule = PolySchedule(**state["schedule"])
+    else:  # a checkpoint from before schedules were saved: the poly policy of its own config
+        saved = Config.from_dict(state["config"])
+        schedule = PolySchedule(saved.optim.lr, steps * saved.train.epochs, saved.optim.poly_power)
+    return TrainingState(model, optimizer, scaler, schedule.retarget(done, end), start_epoch=int(state["epoch"]) + 1,
+                         best=float(state.get("metrics", {}).get("best_val_miou", -1.0)))
 
 
 def train_step(
@@ -73,19 +121,32 @@ def train_one_epoch(
     *,
     epoch: int,
     steps: int,
-    max_iter: int,
+    schedule: PolySchedule,
     device: torch.device,
     scaler: torch.amp.GradScaler,
     log: Callable[[str], None] | None = print,
 ) -> dict[str, float]:
-    """One pass of ``steps`` SGD steps with the poly LR (per iteration) and Eq. 12's loss."""
+    """One pass of ``steps`` SGD steps with the poly LR (per iteration) and Eq. 12's loss.
+
+    Besides the mean losses it returns ``data_wait_s`` and ``step_s``: the seconds spent
+    waiting for the loader and in the step itself, so a starved GPU shows in the metrics.
+    """
     model.train()
     amp_dtype = torch.float16 if cfg.train.amp and device.type == "cuda" else None
     totals = {"loss": 0.0, "loss_p": 0.0, "loss_c": 0.0, "loss_s": 0.0}
     seen, start, lr, step = 0, time.perf_counter(), 0.0, 0
-    for step, (images, labels) in enumerate(batches, start=1):
+    waited = 0.0
+    batches = iter(batches)
+    while True:
+        fetch = time.perf_counter()
+        try:
+            images, labels = next(batches)
+        except StopIteration:
+            break
+        waited += time.perf_counter() - fetch
+        step += 1
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        lr = set_lr(optimizer, cfg.optim.lr, epoch * steps + step - 1, max_iter, cfg.optim.poly_power)
+        lr = set_lr(optimizer, schedule, epoch * steps + step - 1)
         try:
             loss, parts = train_step(model, images, labels, optimizer, scaler, cfg.loss, amp_dtype)
         except FloatingPointError as exc:
@@ -102,34 +163,35 @@ def train_one_epoch(
     if step == 0:
         raise RuntimeError("the training loader yielded no batch: check the shards and data.batch_size")
     elapsed = time.perf_counter() - start
-    return {**{k: v / step for k, v in totals.items()}, "lr": lr, "images_per_s": seen / elapsed}
+    return {**{k: v / step for k, v in totals.items()}, "lr": lr, "images_per_s": seen / elapsed,
+            "data_wait_share": waited / elapsed}
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterable, num_classes: int, device: torch.device,
-             ignore_index: int = 255) -> torch.Tensor:
-    """Confusion matrix (K x K, rows = ground truth) of ``model``'s predictions over ``batches``.
+def average_buffers(model: nn.Module, world_size: int) -> None:
+    """Make every rank hold the same BatchNorm statistics: the mean over ranks, bit-identical.
 
-    Pass the model unwrapped from DDP: evaluation runs no collective; the caller sums the
-    matrices of all ranks once.
+    DDP broadcasts rank 0's buffers only at the start of a forward pass, so after the last
+    step each rank's running mean and variance have moved with its own batch, and ranks
+    evaluating with their own buffers would report the mIoU of no single model. Of the two
+    remedies, broadcasting rank 0's buffers or averaging them (timm's ``distribute_bn``),
+    averaging is chosen: it keeps the statistics of every rank's data, as SyncBatchNorm would.
+    The average is then broadcast from rank 0, so the buffers are identical by construction
+    whatever the backend's reduction order, and rank 0's checkpoint and logged model hold
+    exactly the weights and buffers that every rank evaluated. (With SyncBatchNorm on GPUs
+    the statistics already agree; this costs one small collective.) Integer buffers
+    (``num_batches_tracked``) are equal on every rank and are left alone.
     """
-    model.eval()
-    meter = ConfusionMeter(num_classes, ignore_index=ignore_index, device=device)
-    for images, labels, *_ in batches:
-        out = model(images.to(device))
-        logits = out["out"] if isinstance(out, dict) else out  # (B, K, H, W); MLflow models give logits
-        meter.update(logits.argmax(1), labels.to(device))
-    return meter.matrix
+    import torch.distributed as dist
 
-
-def epoch_metrics(cm: torch.Tensor, class_names: list[str]) -> dict[str, float]:
-    """mIoU, pixel accuracy and per-class IoU (``val_iou/<class>``) from a summed matrix."""
-    ious = iou_per_class(cm)
-    out = {"val_miou": mean_iou(cm), "val_pixel_acc": pixel_accuracy(cm)}
-    for name, value in zip(class_names, ious.tolist()):
-        if not math.isnan(value):
-            out[f"val_iou/{name}"] = value
-    return out
+    if world_size <= 1:
+        return
+    buffers = [b for b in model.buffers() if b.is_floating_point()]
+    for buffer in buffers:
+        dist.all_reduce(buffer)
+        buffer.div_(world_size)
+    for buffer in buffers:
+        dist.broadcast(buffer, src=0)
 
 
 def dataset_info(manifest: Manifest) -> dict[str, Any]:
@@ -142,30 +204,6 @@ def dataset_info(manifest: Manifest) -> dict[str, Any]:
     }
 
 
-def prediction_overlays(model: nn.Module, manifest: Manifest, cfg: Config, device: torch.device,
-                        count: int) -> list[tuple[str, np.ndarray]]:
-    """Colourised (image | ground truth | prediction | beta) panels for the first ``count`` samples."""
-    from pipeline.transforms import denormalize
-    from pipeline.visualize import prediction_panel
-
-    if count <= 0:
-        return []
-    panels = []
-    model.eval()
-    single = dataclasses.replace(cfg.data, eval_batch_size=1, loader_workers=0)
-    with torch.no_grad():
-        for images, labels, keys in eval_loader(manifest, single):
-            out = model(images.to(device), return_attention=True)
-            image = denormalize(images[0], cfg.data.mean, cfg.data.std)
-            beta = out["beta"][0, 0].float().cpu().numpy() if "beta" in out else None
-            panel = prediction_panel(image, labels[0].numpy(), out["out"][0].argmax(0).cpu().numpy(),
-                                     manifest.palette, ignore_index=manifest.ignore_index, beta=beta)
-            panels.append((keys[0], panel))
-            if len(panels) >= count:
-                break
-    return panels
-
-
 # ----------------------------------------------------------------------------- Ray Train worker
 
 
@@ -173,8 +211,12 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker: data shard, DDP model, epochs, checkpoints, reports.
 
     Every rank calls ``ray.train.report`` once per epoch (it is a barrier); rank 0 attaches
-    the checkpoint and writes to MLflow. The confusion matrix is all-reduced once per epoch,
-    so every rank reports the same metrics.
+    the checkpoint. The metrics reach MLflow through :class:`EpochLogger` on the controller,
+    only once Ray Train has registered the epoch's checkpoint: an epoch that a restore runs
+    again was never logged, so a run's history holds one value per epoch. Before evaluation
+    the ranks agree on one set of BatchNorm buffers (:func:`average_buffers`), and the
+    confusion matrix is all-reduced once, so every rank reports the metrics of the very
+    weights rank 0 checkpoints.
     """
     import ray.train
     import ray.train.torch
@@ -197,38 +239,36 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     val_manifest = read_manifest(shards, cfg.data.val_split)
     info = dataset_info(train_manifest)
     steps = steps_per_epoch(train_manifest, cfg.data.batch_size)
-    max_iter = steps * cfg.train.epochs
 
-    model = build_model(cfg.model, info["num_classes"])
-    optimizer = build_optimizer(model, cfg.optim)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp and device.type == "cuda")
-    start_epoch, best = 0, -1.0
+    state = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             state = load_checkpoint(folder)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        start_epoch = state["epoch"] + 1
-        best = state["metrics"].get("best_val_miou", -1.0)
         if rank == 0:
             log(f"resuming from the checkpoint of epoch {state['epoch'] + 1}")
+            # The controller logs an epoch only after registering its checkpoint; had it died
+            # in between, the restored epoch's metrics would be missing: add them once.
+            tracking.log_metrics_once(uri, run_id, state["metrics"], step=state["epoch"] + 1)
+    run = setup_training(cfg, info["num_classes"], steps, device, state)
+    del state
+    model = run.model
     if cfg.train.sync_bn and world > 1 and device.type == "cuda":
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    ddp_model = ray.train.torch.prepare_model(model)  # DDP when world > 1; moves to device
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # keeps the optimizer's parameters
+    ddp_model = ray.train.torch.prepare_model(model)  # DDP when world > 1 (already on the device)
     net = ddp_model.module if hasattr(ddp_model, "module") else ddp_model
 
-    for epoch in range(start_epoch, cfg.train.epochs):
+    best = run.best
+    for epoch in range(run.start_epoch, cfg.train.epochs):
         loader = train_loader(train_manifest, cfg.data, rank=rank, world_size=world, epoch=epoch, seed=cfg.train.seed)
-        stats = train_one_epoch(ddp_model, loader, optimizer, cfg, epoch=epoch, steps=steps, max_iter=max_iter,
-                                device=device, scaler=scaler, log=log if rank == 0 else None)
+        stats = train_one_epoch(ddp_model, loader, run.optimizer, cfg, epoch=epoch, steps=steps, schedule=run.schedule,
+                                device=device, scaler=run.scaler, log=log if rank == 0 else None)
         if world > 1:  # the mean over ranks, so the reported training loss is the whole batch's
             names = sorted(stats)
             values = torch.tensor([stats[k] for k in names], dtype=torch.float64, device=device)
             dist.all_reduce(values)
             stats = dict(zip(names, (values / world).tolist()))
+        average_buffers(net, world)  # one model per evaluation: see its docstring
         cm = evaluate(net, eval_loader(val_manifest, cfg.data, rank=rank, world_size=world),
                       info["num_classes"], device, cfg.loss.ignore_index)
         if world > 1:
@@ -239,15 +279,15 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         if rank == 0:
             log(f"epoch {epoch + 1}/{cfg.train.epochs}: val mIoU {metrics['val_miou']:.4f} "
                 f"(best {best:.4f}), pixel acc {metrics['val_pixel_acc']:.4f}")
-            tracking.log_metrics(uri, run_id, metrics, step=epoch + 1)
         if rank == 0 and epoch + 1 == cfg.train.epochs:
             # Before the last report: a Tune scheduler may stop the trial as soon as it sees it.
             _log_final(uri, run_id, net, cm.cpu(), val_manifest, cfg, device, info)
         with tempfile.TemporaryDirectory(prefix="dfdam-ckpt-") as tmp:
             ckpt = None
             if rank == 0:
-                save_checkpoint(tmp, model=net, optimizer=optimizer, scaler=scaler, epoch=epoch,
-                                step=(epoch + 1) * steps, config=cfg, dataset=info, metrics=metrics)
+                save_checkpoint(tmp, model=net, optimizer=run.optimizer, scaler=run.scaler, epoch=epoch,
+                                step=(epoch + 1) * steps, config=cfg, dataset=info, metrics=metrics,
+                                schedule=run.schedule.to_dict())
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch_{epoch + 1:04d}")
 
@@ -267,6 +307,26 @@ def _log_final(uri: str, run_id: str, net: nn.Module, cm: torch.Tensor, manifest
         cpu_model.load_state_dict({k: v.cpu() for k, v in net.state_dict().items()})
         tracking.log_model(uri, run_id, LogitsOnly(cpu_model).eval(), info["num_classes"],
                            code_path=Path(models.__file__).parent, metadata=info)
+
+
+def epoch_logger(tracking_uri: str, run_id: str):
+    """A Ray Train callback that logs each epoch's metrics to MLflow on the controller.
+
+    ``after_report`` runs once every rank has reported and after Ray Train has registered
+    (and saved its record of) the epoch's checkpoint, so what reaches MLflow is exactly the
+    history of checkpoints a restore can continue from.
+    """
+    from ray.train import UserCallback
+
+    class EpochLogger(UserCallback):
+        def __init__(self, uri: str, run: str) -> None:
+            self.uri, self.run_id = uri, run
+
+        def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+            reported = metrics[0]  # rank 0's; every rank reports the same all-reduced values
+            tracking.log_metrics(self.uri, self.run_id, reported, step=int(reported["epoch"]))
+
+    return EpochLogger(tracking_uri, run_id)
 
 
 # ----------------------------------------------------------------------------- driver
@@ -294,6 +354,10 @@ def check_inputs(cfg: Config) -> tuple[Manifest, Manifest]:
     if train_manifest.num_classes != val_manifest.num_classes:
         raise ManifestError(f"{shards}: splits {cfg.data.train_split!r} and {cfg.data.val_split!r} disagree on the "
                             f"number of classes ({train_manifest.num_classes} vs {val_manifest.num_classes})")
+    weights = cfg.model.weights
+    if weights not in (None, "imagenet") and not Path(weights).is_file():
+        raise FileNotFoundError(f"model.weights {weights!r}: no such file; expected 'imagenet' or the path of a "
+                                "torchvision ResNet state_dict (.pth) readable from every node")
     if cfg.dataset in ("cityscapes", "voc") and train_manifest.dataset != cfg.dataset:
         raise ConfigError(f"preset {cfg.preset!r} is made for {cfg.dataset} but {shards} holds "
                           f"{train_manifest.dataset} shards: use --preset {train_manifest.dataset} (or synthetic)")
@@ -305,7 +369,11 @@ def worker_resources(cfg: Config) -> dict[str, float]:
 
 
 def make_trainer(cfg: Config, *, name: str, tracking_uri: str, run_id: str, callbacks: list | None = None):
-    """The ``TorchTrainer`` for ``cfg`` (paths in ``cfg`` already absolute); Tune reuses it per trial."""
+    """The ``TorchTrainer`` for ``cfg`` (paths in ``cfg`` already absolute); Tune reuses it per trial.
+
+    ``callbacks`` run after the MLflow :func:`epoch_logger` (Tune's report callback must come
+    after it: a scheduler may stop the trial as soon as it sees a result).
+    """
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -322,16 +390,20 @@ def make_trainer(cfg: Config, *, name: str, tracking_uri: str, run_id: str, call
             failure_config=FailureConfig(max_failures=cfg.train.max_failures, controller_failure_limit=3),
             checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="val_miou",
                                                checkpoint_score_order="max"),
-            callbacks=callbacks or [],
+            callbacks=[epoch_logger(tracking_uri, run_id), *(callbacks or [])],
             logging_config=LoggingConfig(log_level="WARNING"),  # Ray Train's own INFO lines stay in its log files
         ),
     )
 
 
 def absolute_paths(cfg: Config) -> Config:
-    """Shards and storage as absolute paths: Ray workers run in their own working directories."""
+    """Shards, storage and weights as absolute paths: Ray workers run in their own working directories."""
+    weights = cfg.model.weights
+    if weights not in (None, "imagenet"):
+        weights = str(Path(weights).resolve())
     return dataclasses.replace(
         cfg,
+        model=dataclasses.replace(cfg.model, weights=weights),
         data=dataclasses.replace(cfg.data, shards=str(Path(cfg.data.shards).resolve())),
         train=dataclasses.replace(cfg.train, storage=str(Path(cfg.train.storage).resolve())),
     )
@@ -350,6 +422,8 @@ def fit(cfg: Config, *, name: str | None = None, resume: bool = False, address: 
     if not resume and run_dir.exists():
         raise FileExistsError(f"a run named {name!r} already exists under {storage}: pass --resume to continue it "
                               "or choose another --name")
+    if resume:
+        check_resume(run_dir, cfg)
     connect_ray(address)
     check_resources(cfg.train.workers, worker_resources(cfg))
     cfg = absolute_paths(cfg)
@@ -361,13 +435,43 @@ def fit(cfg: Config, *, name: str | None = None, resume: bool = False, address: 
     trainer = make_trainer(cfg, name=name, tracking_uri=uri, run_id=run_id)
     try:
         result = trainer.fit()
-    except BaseException:
-        tracking.end_run(uri, run_id, "FAILED")
+    except BaseException as exc:
+        tracking.end_run(uri, run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        _raise_training_error(exc, name, run_dir, cfg)
         raise
     tracking.end_run(uri, run_id, "FINISHED")
     return TrainResult(name=name, run_id=run_id, tracking_uri=uri,
                        checkpoint=result.checkpoint.path if result.checkpoint else None,
                        metrics=dict(result.metrics or {}), storage=str(storage))
+
+
+def check_resume(run_dir: Path, cfg: Config) -> None:
+    """Refuse a resume that has nothing left to train (``--epochs`` is the new total)."""
+    latest = latest_checkpoint(run_dir)
+    if latest is None:
+        return  # killed before its first checkpoint: Ray Train starts it from the beginning
+    done = json.loads((latest / RECORD_FILE).read_text())["epoch"]
+    if done >= cfg.train.epochs:
+        raise ConfigError(f"--resume: run {run_dir.name!r} has already trained {done} epoch(s) "
+                          f"(checkpoint {latest}); --epochs is the new total, so pass more than {done} to train longer")
+
+
+def _raise_training_error(exc: BaseException, name: str, run_dir: Path, cfg: Config) -> None:
+    """Turn Ray Train's failure into one clear :class:`TrainingError` (other exceptions pass)."""
+    from ray.train import TrainingFailedError
+
+    if not isinstance(exc, TrainingFailedError):
+        return
+    causes = getattr(exc, "worker_failures", None) or {}
+    cause = next(iter(causes.values()), None) or getattr(exc, "controller_failure", None) or exc
+    first = str(cause).strip().splitlines()
+    latest = latest_checkpoint(run_dir)
+    where = f"its latest complete checkpoint is {latest}" if latest else "it wrote no checkpoint"
+    raise TrainingError(
+        f"training run {name!r} failed after {cfg.train.max_failures} restart(s) allowed "
+        f"(train.max_failures / --max-failures): {type(cause).__name__}: {first[-1] if first else ''}. "
+        f"{where.capitalize()}; continue with `run.py train --resume --name {name}` once the cause is fixed"
+    ) from exc
 
 
 def _manifest_summary(manifest: Manifest) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from pipeline.config import DataConfig
-from pipeline.data import decode_sample, eval_loader, rank_shards, steps_per_epoch, train_loader
+from pipeline.data import batch_by_size, decode_sample, eval_loader, rank_shards, steps_per_epoch, train_loader
 from sharding.manifest import read_manifest
 
 
@@ -65,8 +65,33 @@ def test_evaluation_reads_each_sample_exactly_once(tiny_shards: Path, data_cfg: 
             pixels += int((labels != 255).sum())
     assert sorted(keys) == sorted(manifest.table.column("key").to_pylist())
     assert set(keys.values()) == {1}
-    # Padding adds ignore pixels only: the counted pixels are the manifest's labelled pixels.
     assert pixels == int(np.array(manifest.table.column("class_pixels").to_pylist()).sum())
+
+
+@pytest.mark.parametrize("loader_workers", [0, 2])
+def test_evaluation_batches_do_not_depend_on_the_number_of_ranks(tiny_shards: Path, data_cfg: DataConfig,
+                                                                 loader_workers: int) -> None:
+    manifest = read_manifest(tiny_shards, "val")
+    cfg = dataclasses.replace(data_cfg, loader_workers=loader_workers)
+
+    def batches(world: int) -> set[tuple[str, ...]]:
+        return {tuple(keys) for rank in range(world) for _, _, keys in eval_loader(manifest, cfg, rank=rank, world_size=world)}
+
+    assert batches(1) == batches(2) == batches(3)
+
+
+def test_batch_by_size_never_pads_nor_mixes_shards() -> None:
+    def sample(h: int, w: int, key: str, shard: str):
+        return torch.zeros(3, h, w), torch.zeros(h, w, dtype=torch.int64), key, shard
+
+    stream = [sample(4, 6, "a", "s0"), sample(4, 6, "b", "s0"), sample(4, 6, "c", "s0"), sample(5, 6, "d", "s0"),
+              sample(5, 6, "e", "s1"), sample(5, 6, "f", "s1")]
+    out = list(batch_by_size(2)(iter(stream)))
+    assert [keys for _, _, keys in out] == [["a", "b"], ["c"], ["d"], ["e", "f"]]
+    assert [tuple(images.shape) for images, _, _ in out] == [(2, 3, 4, 6), (1, 3, 4, 6), (1, 3, 5, 6), (2, 3, 5, 6)]
+    assert all(labels.shape[0] == images.shape[0] for images, labels, _ in out)
+    with pytest.raises(ValueError, match="at least 1"):
+        batch_by_size(0)
 
 
 def test_rank_shards_partition_the_shard_list(tiny_shards: Path) -> None:

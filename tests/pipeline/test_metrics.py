@@ -15,7 +15,6 @@ from pipeline.metrics import (
     mean_iou,
     pixel_accuracy,
 )
-from pipeline.transforms import EvalTransform, pad_collate
 
 # Ten pixels as one (1, 2, 5) image; the last two are ignored (255).
 TARGET = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 255, 255]).reshape(1, 2, 5)
@@ -113,22 +112,6 @@ def test_out_of_range_targets_and_bad_inputs_raise() -> None:
         confusion_matrix(PRED[..., :4], TARGET, num_classes=3)
     with pytest.raises(ValueError, match="num_classes"):
         confusion_matrix(PRED, TARGET, num_classes=0)
-
-
-def test_pad_collate_padding_is_never_counted() -> None:
-    rng = np.random.default_rng(0)
-    sizes = [(4, 6), (7, 3)]
-    samples = []
-    for h, w in sizes:
-        image = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
-        label = rng.integers(0, 3, size=(h, w), dtype=np.uint8)
-        samples.append(EvalTransform()(image, label))
-    _, labels = pad_collate(samples)  # (2, 7, 6)
-    pred = torch.ones_like(labels)  # the "model" predicts class 1 everywhere, padding included
-    cm = confusion_matrix(pred, labels, num_classes=3)
-    assert int(cm.sum()) == 4 * 6 + 7 * 3  # real pixels only, not 2 * 7 * 6
-    per_sample = sum(confusion_matrix(torch.ones_like(lab), lab, num_classes=3) for _, lab in samples)
-    assert torch.equal(cm, per_sample)
 
 
 def test_confusion_meter_accumulates_and_resets() -> None:

@@ -6,7 +6,7 @@ import torch
 
 from models import build_dfdam
 from pipeline.config import build_config
-from pipeline.optim import build_optimizer
+from pipeline.optim import PolySchedule, build_optimizer
 from pipeline.train import train_one_epoch, train_step
 
 
@@ -35,9 +35,10 @@ def test_epoch_runs_every_step_and_reports(capsys: pytest.CaptureFixture[str]) -
     model = build_dfdam(2)
     optimizer = build_optimizer(model, cfg.optim)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    stats = train_one_epoch(model, [_batch()] * 3, optimizer, cfg, epoch=0, steps=3, max_iter=3,
+    stats = train_one_epoch(model, [_batch()] * 3, optimizer, cfg, epoch=0, steps=3, schedule=PolySchedule(cfg.optim.lr, 3),
                             device=torch.device("cpu"), scaler=scaler)
-    assert set(stats) == {"loss", "loss_p", "loss_c", "loss_s", "lr", "images_per_s"}
+    assert set(stats) == {"loss", "loss_p", "loss_c", "loss_s", "lr", "images_per_s", "data_wait_share"}
+    assert 0.0 <= stats["data_wait_share"] < 1.0
     assert stats["lr"] == pytest.approx(cfg.optim.lr * (1 - 2 / 3) ** 0.9)  # the poly rate of the last step
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(" loss")[0] for line in lines] == ["epoch 1/1 step 2/3", "epoch 1/1 step 3/3"]
@@ -50,5 +51,5 @@ def test_a_diverging_loss_stops_with_advice() -> None:
     images, labels = _batch()
     images[0, 0, 0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match="epoch 1 step 1: lower optim.lr"):
-        train_one_epoch(model, [(images, labels)], optimizer, cfg, epoch=0, steps=1, max_iter=1,
+        train_one_epoch(model, [(images, labels)], optimizer, cfg, epoch=0, steps=1, schedule=PolySchedule(cfg.optim.lr, 1),
                         device=torch.device("cpu"), scaler=torch.amp.GradScaler("cpu", enabled=False))

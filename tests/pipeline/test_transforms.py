@@ -15,7 +15,6 @@ from pipeline.transforms import (
     TrainTransform,
     denormalize,
     normalize,
-    pad_collate,
 )
 
 
@@ -219,34 +218,3 @@ def test_bad_configuration_is_rejected() -> None:
         TrainTransform(crop_size=(4, 4), scales=())
     with pytest.raises(ValueError, match="std"):
         TrainTransform(crop_size=(4, 4), std=(0.2, 0.0, 0.2))
-
-
-def test_pad_collate_pads_to_the_largest_size() -> None:
-    rng = np.random.default_rng(10)
-    samples = [EvalTransform()(*_random_pair(rng, h, w, (0, 1, 2))) for h, w in [(4, 6), (7, 3), (5, 5)]]
-    images, labels = pad_collate(samples)
-    assert images.shape == (3, 3, 7, 6) and images.dtype == torch.float32
-    assert labels.shape == (3, 7, 6) and labels.dtype == torch.int64
-    for i, (img, lab) in enumerate(samples):
-        h, w = lab.shape
-        assert torch.equal(images[i, :, :h, :w], img) and torch.equal(labels[i, :h, :w], lab)
-        assert int((labels[i] == 255).sum()) == 7 * 6 - h * w
-        assert float(images[i].abs().sum()) == pytest.approx(float(img.abs().sum()), rel=1e-6)
-
-    with_keys = [(img, lab, f"key{i}") for i, (img, lab) in enumerate(samples)]
-    images2, labels2, keys = pad_collate(with_keys, ignore_index=254)
-    assert keys == ["key0", "key1", "key2"]
-    assert torch.equal(images2, images)
-    assert int((labels2 == 254).sum()) == int((labels == 255).sum())
-
-
-def test_pad_collate_rejects_inconsistent_batches() -> None:
-    img, lab = torch.zeros(3, 4, 4), torch.zeros(4, 4, dtype=torch.int64)
-    with pytest.raises(ValueError, match="empty"):
-        pad_collate([])
-    with pytest.raises(ValueError, match="sample 1 has 3"):
-        pad_collate([(img, lab), (img, lab, "k")])
-    with pytest.raises(ValueError, match="label must be"):
-        pad_collate([(img, torch.zeros(4, 5, dtype=torch.int64))])
-    with pytest.raises(ValueError, match="image must be"):
-        pad_collate([(torch.zeros(1, 4, 4), lab)])
