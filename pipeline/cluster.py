@@ -14,6 +14,7 @@ itself would retry for half a minute or more:
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from pathlib import Path
@@ -137,21 +138,22 @@ def connect_ray(address: str | None, resources: dict[str, float] | None = None, 
     import ray
 
     address = address or os.environ.get("RAY_ADDRESS") or None
-    explicit = address is not None and address not in ("auto", "local")
+    if address == "local":
+        address = None
+    explicit = address is not None and address != "auto"
     if explicit:
         probe_address(address)
         if "://" not in address:  # ray:// is the Ray Client server, not the GCS
             check_auth(address)
     if ray.is_initialized():  # already connected (a notebook, a test session)
         return
-    kwargs = {"_node_ip_address": node_ip_address} if node_ip_address else {}
+    # (Ray Client, ray://, takes no node IP: the driver's node is the server's.)
+    kwargs = {"_node_ip_address": node_ip_address} if node_ip_address and "://" not in (address or "") else {}
     try:
         if address:
             ray.init(address=address, log_to_driver=True, **kwargs)
         else:
-            # "local": a new cluster even when Ray's temp folder names one (ray_current_cluster
-            # is left behind by every stopped `ray start`, and plain ray.init() would follow it).
-            ray.init(address="local", resources=resources, log_to_driver=True, **kwargs)
+            start_local_cluster(resources=resources, log_to_driver=True)
     except Exception as exc:  # noqa: BLE001 - Ray raises many types; all mean "no cluster"
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if not address:
@@ -160,6 +162,56 @@ def connect_ray(address: str | None, resources: dict[str, float] | None = None, 
             raise ConnectionError(f"cannot join the Ray cluster at {address!r}: {message}. "
                                   + _auth_help(address)) from None
         raise ConnectionError(f"cannot reach the Ray cluster at {address!r}: {message}. {_START_ONE}") from None
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]):
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def start_local_cluster(**init_kwargs) -> None:
+    """``ray.init`` of a new single-machine cluster that listens on 127.0.0.1 only.
+
+    - ``address="local"``: a new cluster even when Ray's temp folder names one
+      (``ray_current_cluster`` is left behind by every stopped ``ray start``, and a plain
+      ``ray.init()`` would follow it to a dead GCS).
+    - Loopback only: Ray replaces 127.0.0.1 by the host's outward address and binds its GCS to
+      every interface, unless it believes it runs where multi-node clusters are off
+      (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, read by every process it starts; in this
+      process, the constant it was read into). A cluster nobody else is meant to join then
+      listens on 127.0.0.1 alone.
+    - ``RAY_ADDRESS`` of its own for every process it starts: Ray Train's placement-group
+      cleaner finds "its" cluster by auto-detection, which fails ("Found multiple active Ray
+      instances") when another cluster runs on the machine, and a trial stopped early would
+      then keep its CPUs forever. The GCS port is chosen here so the address is known before
+      the processes start. This process's own environment is left as it was.
+    """
+    import ray
+    from ray._private import ray_constants
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    loopback_only = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_GCS_SERVER_PORT": str(port),
+                     "RAY_ADDRESS": f"127.0.0.1:{port}"}
+    multi_node = getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
+    with _environment(loopback_only):
+        if multi_node is not None:
+            ray_constants.ENABLE_RAY_CLUSTER = False
+        try:
+            ray.init(address="local", **init_kwargs)
+        finally:
+            if multi_node is not None:
+                ray_constants.ENABLE_RAY_CLUSTER = multi_node
 
 
 def check_resources(workers: int, per_worker: dict[str, float], concurrent: int = 1) -> None:

@@ -11,13 +11,14 @@ def ray_cluster():
 
     import ray
 
+    from pipeline.cluster import start_local_cluster
     from pipeline.tune import TRIAL_DRIVER_RESOURCE
 
     # Ray Train gives a worker group 60 s to start; a loaded 2-core CI machine can need more.
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
 
-    # address="local": a new cluster, never the one a stopped `ray start` named in Ray's temp folder.
-    ray.init(address="local", num_cpus=2, resources={TRIAL_DRIVER_RESOURCE: 1000}, include_dashboard=True,
-             log_to_driver=False, configure_logging=False)
+    # A new cluster on 127.0.0.1 alone, as run.py's own (see pipeline.cluster.start_local_cluster).
+    start_local_cluster(num_cpus=2, resources={TRIAL_DRIVER_RESOURCE: 1000}, include_dashboard=True,
+                        log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()

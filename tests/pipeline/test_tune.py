@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import signal
+import os
 import sqlite3
 import subprocess
 import sys
@@ -123,9 +124,14 @@ def test_an_interrupted_search_resumes_without_rerunning_finished_trials(ray_clu
     argv = [sys.executable, str(ROOT / "run.py"), "tune", "--preset", "synthetic", "--data", str(tiny_shards),
             "--trials", "2", "--max-concurrent", "1", "--workers-per-trial", "1", "--epochs", "1", "--name", "cut",
             "--storage", str(tmp_path / "runs"), "--set", "data.crop_size=64x64", "--set", "data.batch_size=4",
-            "--set", "data.eval_batch_size=2", "--set", f"tracking.uri=sqlite:///{db}", "--set", "tracking.overlays=0"]
+            "--set", "data.eval_batch_size=2", "--set", f"tracking.uri=sqlite:///{db}", "--set", "tracking.overlays=0",
+            # The test's own cluster, where the search is resumed: a second Ray instance on the machine
+            # would leave Ray Train's placement-group cleaner unable to find its cluster (it looks the
+            # cluster up by scanning the machine), so stopped trials' CPUs would never come back.
+            "--address", ray_cluster.get_runtime_context().gcs_address]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | {"RAY_AUTH_MODE": "token"}
     proc = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+                            start_new_session=True, env=env)
     deadline = time.monotonic() + 300
     while _finished_trials(db) < 1 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(1)
