@@ -462,16 +462,22 @@ def _raise_training_error(exc: BaseException, name: str, run_dir: Path, cfg: Con
 
     if not isinstance(exc, TrainingFailedError):
         return
-    causes = getattr(exc, "worker_failures", None) or {}
-    cause = next(iter(causes.values()), None) or getattr(exc, "controller_failure", None) or exc
-    first = str(cause).strip().splitlines()
+    causes = getattr(exc, "worker_failures", None)
+    summary = ("; ".join(f"rank {rank}: {_first_line(error)}" for rank, error in sorted(causes.items())) if causes
+               else _first_line(getattr(exc, "controller_failure", None) or exc))
     latest = latest_checkpoint(run_dir)
     where = f"its latest complete checkpoint is {latest}" if latest else "it wrote no checkpoint"
     raise TrainingError(
         f"training run {name!r} failed after {cfg.train.max_failures} restart(s) allowed "
-        f"(train.max_failures / --max-failures): {type(cause).__name__}: {first[-1] if first else ''}. "
+        f"(train.max_failures / --max-failures): {summary}. "
         f"{where.capitalize()}; continue with `run.py train --resume --name {name}` once the cause is fixed"
     ) from exc
+
+
+def _first_line(error: BaseException, limit: int = 160) -> str:
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    text = f"{type(error).__name__}: {lines[-1].strip() if lines else ''}"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _manifest_summary(manifest: Manifest) -> dict[str, Any]:

@@ -359,11 +359,11 @@ def start_cluster(worker_nodes: int = 1, drain_timeout_s: float = 5.0):
             shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")
 def two_node_cluster():
-    """Head + one worker node, 1 CPU each, token auth; one per test module (~25 s to start on
-    an idle 2-core machine), stopped when the module ends so it does not load the machine
-    during the rest of the session."""
+    """Head + one worker node, 1 CPU each, token auth; one for the tests of this folder (~25 s
+    to start on an idle 2-core machine), stopped when they end so it does not load the machine
+    during the rest of the session. Tests that lose a node bring one back before they end."""
     before = {k: v for k, v in os.environ.items() if k.startswith("RAY_")}
     started = time.monotonic()
     with start_cluster(worker_nodes=1) as cluster:

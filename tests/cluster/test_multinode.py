@@ -125,16 +125,6 @@ def _finished_run(tmp_path: Path, name: str):
     return run
 
 
-def test_train_spreads_its_workers_over_two_nodes(two_node_cluster: Any, tiny_shards: Path,
-                                                  tmp_path: Path) -> None:
-    argv = [two_node_cluster.python, *_train_args(tiny_shards, tmp_path, "two-nodes", two_node_cluster.address)]
-    code, workers, took = _run_watching_workers(two_node_cluster, argv, tmp_path / "train.log")
-    print(f"run.py train on two nodes: {took:.1f} s")
-    assert code == 0, two_node_cluster.tail(tmp_path / "train.log", 60)
-    _assert_on_two_nodes(two_node_cluster, workers)
-    _finished_run(tmp_path, "two-nodes")
-
-
 def test_ray_job_submit_trains_on_the_cluster(two_node_cluster: Any, tiny_shards: Path,
                                               tmp_path: Path) -> None:
     """The job's working directory is an upload of the repository: .gitignore'd paths (.venv:

@@ -164,4 +164,19 @@ def test_bad_inputs_fail_clearly_before_any_work(tiny_shards: Path, tmp_path: Pa
     code, err = _run([*base, "--data", str(tiny_shards), "--name", "nothing", "--resume"], capsys)
     assert code == 2 and "no run named 'nothing'" in err
 
+    code, err = _run([*base, "--data", str(tiny_shards), "--set", f"model.weights={tmp_path / 'resnet18.pth'}"], capsys)
+    assert code == 2 and "model.weights" in err and "no such file" in err
+
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+    # A resume with nothing left to train: --epochs is the new total, not a number to add.
+    from models import build_dfdam
+    from pipeline.checkpoint import save_checkpoint
+    from pipeline.config import build_config
+
+    done = tmp_path / "runs" / "done"
+    save_checkpoint(done / "epoch_0003", model=build_dfdam(19), optimizer=None, scaler=None, epoch=2, step=9,
+                    config=build_config("synthetic"), dataset={"num_classes": 19}, metrics={})
+    three = ["train", "--preset", "synthetic", "--epochs", "3", *base[5:]]
+    code, err = _run([*three, "--data", str(tiny_shards), "--name", "done", "--resume"], capsys)
+    assert code == 2 and "has already trained 3 epoch(s)" in err and "pass more than 3" in err
