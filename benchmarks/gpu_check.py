@@ -5,7 +5,9 @@ Run it through ``benchmarks/gpu_check.sh`` (which installs carried wheels, runs 
 in order and prints the table); this file is one stage per call, all of them adding rows to
 ``<work>/rows.json``:
 
-``--stage 1`` needs torch, torchvision, webdataset and cityscapesscripts, *not* Ray or MLflow:
+``--stage 1`` needs torch, torchvision, webdataset and cityscapesscripts, *not* Ray or MLflow
+(``pipeline.tracking``, the one module that imports MLflow and which stage 1 never calls, is
+replaced by a stand-in where MLflow is missing, so that ``pipeline.train`` imports):
 
 * **data**: a synthetic Cityscapes at the real size (``sharding.synthetic.make_cityscapes``,
   1024x2048 frames) packed into shards by ``sharding.write.shard_dataset``.
@@ -26,7 +28,7 @@ in order and prints the table); this file is one stage per call, all of them add
 * **resume onto the GPU**: the R18 run's state is saved with ``pipeline.checkpoint.save_checkpoint``,
   read back with ``load_checkpoint`` (onto the CPU, as a Ray worker reads it) and restored with
   ``setup_training(..., device, state)``, the function the Ray worker uses. Every optimizer
-  state tensor must sit on its parameter's device, equal to what was saved, and one more epoch
+  state tensor must sit on its parameter's device, equal to what was saved, and one more step
   must train. On a GPU the row also shows the control: the order the bug had (optimizer state
   loaded before the model moves) leaves the momentum buffers on the CPU.
 
@@ -332,10 +334,9 @@ def stage1(work: Path, sizes: Sizes, device_name: str) -> None:
             run = setup_training(cfg, NUM_CLASSES, steps, device)
             m = timed_training(run, cfg, shards, sizes, device)
             measured[label] = m
-            if backbone == "resnet18":
-                keep["run"], keep["cfg"] = run, cfg  # the resume check continues this run
-            else:
-                del run
+            if backbone == "resnet18":  # the resume check continues this run: save it, free the GPU
+                keep["saved"] = save_for_resume(work, run, cfg, shards, sizes)
+            del run
             return OK, describe(m)
         return body
 
@@ -366,9 +367,9 @@ def stage1(work: Path, sizes: Sizes, device_name: str) -> None:
     run_check(work, 1, f"train DeepLabV3-R50 torchvision ({h}x{w}, b{sizes.batch})", deeplab)
 
     def resume() -> tuple[str, str]:
-        if "run" not in keep:
+        if "saved" not in keep:
             return FAIL, "the DF-DAM-R18 training check failed: nothing to resume"
-        return check_resume(work, keep["run"], keep["cfg"], shards, sizes, device)
+        return check_resume(keep["saved"], shards, sizes, device)
 
     run_check(work, 1, f"resume onto {device.type} (setup_training)", resume)
     keep.clear()
@@ -390,31 +391,48 @@ def optimizer_devices(optimizer) -> tuple[int, int, set[str]]:
     return total, same, seen
 
 
-def check_resume(work: Path, run, cfg, shards: Path, sizes: Sizes, device) -> tuple[str, str]:
-    """Save the run, load it as the Ray worker does and continue it on ``device``."""
-    import torch
+@dataclass
+class Saved:
+    """What the resume check compares against: the checkpoint and the state it was written from."""
 
-    from pipeline.checkpoint import build_model, load_checkpoint, save_checkpoint
-    from pipeline.optim import build_optimizer
-    from pipeline.train import dataset_info, setup_training
+    folder: Path
+    cfg: Any
+    momentum: list  # every momentum buffer, on the CPU
+    scale: float | None  # the grad scaler's scale (fp16 on the GPU)
+    lr: float  # the poly rate at the first step after the checkpoint
+
+
+def save_for_resume(work: Path, run, cfg, shards: Path, sizes: Sizes) -> Saved:
+    """Checkpoint the R18 run as the Ray worker does at the end of epoch 2 (``save_checkpoint``)."""
+    from pipeline.checkpoint import save_checkpoint
+    from pipeline.train import dataset_info
     from sharding.manifest import read_manifest
 
     steps = sizes.timed_steps
     folder = work / "stage1-checkpoint" / "epoch_0002"
-    info = dataset_info(read_manifest(shards, "train"))
     save_checkpoint(folder, model=run.model, optimizer=run.optimizer, scaler=run.scaler, epoch=1, step=2 * steps,
-                    config=cfg, dataset=info, metrics={"best_val_miou": 0.25}, schedule=run.schedule.to_dict())
-    params = list(run.model.parameters())
-    saved = [run.optimizer.state[p]["momentum_buffer"].detach().cpu().clone() for p in params
-             if "momentum_buffer" in run.optimizer.state[p]]
-    scale = run.scaler.get_scale() if run.scaler.is_enabled() else None
-    lr_before = run.schedule.lr(2 * steps)
-    del run
-    _free(device)
+                    config=cfg, dataset=dataset_info(read_manifest(shards, "train")),
+                    metrics={"best_val_miou": 0.25}, schedule=run.schedule.to_dict())
+    momentum = [run.optimizer.state[p]["momentum_buffer"].detach().cpu().clone() for p in run.model.parameters()
+                if "momentum_buffer" in run.optimizer.state[p]]
+    return Saved(folder, cfg, momentum, run.scaler.get_scale() if run.scaler.is_enabled() else None,
+                 run.schedule.lr(2 * steps))
 
+
+def check_resume(saved: Saved, shards: Path, sizes: Sizes, device) -> tuple[str, str]:
+    """Load the checkpoint as the Ray worker does (onto the CPU) and continue it on ``device``."""
+    import torch
+
+    from pipeline.checkpoint import build_model, load_checkpoint
+    from pipeline.optim import build_optimizer
+    from pipeline.train import setup_training
+
+    steps, cfg, folder = sizes.timed_steps, saved.cfg, saved.folder
+    _free(device)
     state = load_checkpoint(folder)  # onto the CPU, as train_worker reads a Ray checkpoint
+    num_classes = state["dataset"]["num_classes"]
     longer = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=3))
-    restored = setup_training(longer, info["num_classes"], steps, device, state)
+    restored = setup_training(longer, num_classes, steps, device, state)
     problems = []
     total, same, seen = optimizer_devices(restored.optimizer)
     if total == 0 or same != total:
@@ -424,14 +442,14 @@ def check_resume(work: Path, run, cfg, shards: Path, sizes: Sizes, device) -> tu
         problems.append(f"parameters are not on {device}")
     buffers = [restored.optimizer.state[p]["momentum_buffer"] for p in restored.model.parameters()
                if "momentum_buffer" in restored.optimizer.state[p]]
-    if len(buffers) != len(saved) or not all(torch.equal(a.cpu(), b) for a, b in zip(buffers, saved)):
+    if len(buffers) != len(saved.momentum) or not all(torch.equal(a.cpu(), b) for a, b in zip(buffers, saved.momentum)):
         problems.append("restored momentum buffers differ from the saved ones")
     if restored.start_epoch != 2:
         problems.append(f"start_epoch {restored.start_epoch}, expected 2")
-    if scale is not None and restored.scaler.get_scale() != scale:
-        problems.append(f"grad scale {restored.scaler.get_scale()} != saved {scale}")
-    if restored.schedule.lr(2 * steps) != lr_before:
-        problems.append(f"poly rate jumped: {restored.schedule.lr(2 * steps)} != {lr_before}")
+    if saved.scale is not None and restored.scaler.get_scale() != saved.scale:
+        problems.append(f"grad scale {restored.scaler.get_scale()} != saved {saved.scale}")
+    if restored.schedule.lr(2 * steps) != saved.lr:
+        problems.append(f"poly rate jumped: {restored.schedule.lr(2 * steps)} != {saved.lr}")
     if problems:
         return FAIL, "; ".join(problems)
     # One more (short) epoch on the restored state: the optimizer step must run on the device.
@@ -445,7 +463,7 @@ def check_resume(work: Path, run, cfg, shards: Path, sizes: Sizes, device) -> tu
         # Control: the order the bug had (load the optimizer state, then move the model).
         del restored
         _free(device)
-        model = build_model(cfg.model, info["num_classes"], pretrained=False)
+        model = build_model(cfg.model, num_classes, pretrained=False)
         model.load_state_dict(state["model"])
         optimizer = build_optimizer(model, cfg.optim)
         optimizer.load_state_dict(state["optimizer"])
@@ -473,6 +491,14 @@ def _session_pids(sid: int) -> list[int]:
         if fields[0] != "Z" and int(fields[3]) == sid:  # state, ppid, pgrp, session
             pids.append(int(entry.name))
     return pids
+
+
+def _kill(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def _train_command(shards: Path, storage: Path, sizes: Sizes, gpu: bool, resume: bool) -> list[str]:
@@ -561,11 +587,7 @@ def stage2(work: Path, sizes: Sizes, gpu: bool) -> None:
         while left and time.perf_counter() < wait_until:
             time.sleep(0.5)
             left = _session_pids(proc.pid)
-        for pid in left:  # ours (same session): end them so the resume starts clean
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        _kill(left)  # ours (same session): end them so the resume starts clean
         epoch_lines = sum(bool(re.search(r"epoch 1/2 step", l)) for l in lines)
         state["killed"] = True
         return OK, (f"--{device.lower()} 1 worker, epoch 1 checkpoint registered after {killed_at:.0f} s "
@@ -593,8 +615,7 @@ def stage2(work: Path, sizes: Sizes, gpu: bool) -> None:
             return FAIL, f"run.py train --resume took over {limit:.0f} s (see {log})"
         finally:
             reader.join(timeout=10)
-            for pid in _session_pids(proc.pid):
-                os.kill(pid, signal.SIGKILL)
+            _kill(_session_pids(proc.pid))
         text = "".join(lines)
         if proc.returncode != 0:
             tail = " | ".join(l.strip() for l in lines[-3:])
