@@ -85,6 +85,12 @@ def _one_run(tmp_path: Path, name: str, status: str, epochs: int = EPOCHS):
     return run
 
 
+def _replace_lost_node(cluster: Any) -> None:
+    """Once Ray has marked the lost node dead (its heartbeats stop for ~15 s), start another."""
+    cluster.wait_for_nodes(1)
+    cluster.add_worker_node()
+
+
 def _checkpoints_complete(run_dir: Path) -> list[Path]:
     """Every epoch folder Ray Train kept is complete (file and record agree)."""
     folders = sorted(p for p in run_dir.glob("epoch_*") if p.is_dir())
@@ -143,7 +149,7 @@ def test_a_lost_node_ends_the_run_clearly_when_no_restart_is_allowed(two_node_cl
         folders = _checkpoints_complete(tmp_path / "runs" / "lost-node")  # never a half-written one kept
         assert latest_checkpoint(tmp_path / "runs" / "lost-node") == folders[-1]
     finally:
-        cluster.add_worker_node()  # the next tests need two nodes again
+        _replace_lost_node(cluster)  # the next tests need two nodes again
 
 
 def test_a_lost_node_is_survived_when_resources_return(two_node_cluster: Any, tiny_shards: Path,
@@ -153,10 +159,10 @@ def test_a_lost_node_is_survived_when_resources_return(two_node_cluster: Any, ti
     _wait(proc, log, cluster, lambda: len(_epochs_logged(db)) >= 1, "first epoch")
     lost_at = time.monotonic()
     cluster.kill_node(cluster.worker)
-    cluster.add_worker_node()  # a replacement node joins, as an autoscaler would bring one
+    _replace_lost_node(cluster)  # a replacement node joins, as an autoscaler would bring one
     joined = time.monotonic() - lost_at
     assert _finish(proc, log, cluster) == 0, cluster.tail(log, 60)
-    print(f"\nnode lost, max_failures 2: a new node joined after {joined:.1f} s, the run finished "
+    print(f"\nnode lost, max_failures 2: Ray marked it dead and a new node joined after {joined:.1f} s, the run finished "
           f"{time.monotonic() - lost_at:.1f} s after the loss")
     _one_run(tmp_path, "node-back", "FINISHED")
     _checkpoints_complete(tmp_path / "runs" / "node-back")
