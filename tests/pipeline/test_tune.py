@@ -129,7 +129,10 @@ def test_an_interrupted_search_resumes_without_rerunning_finished_trials(ray_clu
             # would leave Ray Train's placement-group cleaner unable to find its cluster (it looks the
             # cluster up by scanning the machine), so stopped trials' CPUs would never come back.
             "--address", ray_cluster.get_runtime_context().gcs_address]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | {"RAY_AUTH_MODE": "token"}
+    # The test's cluster listens on 127.0.0.1 alone (pipeline.cluster.start_local_cluster); a process
+    # joining it must not let Ray rewrite 127.0.0.1 to the host's outward address, so it runs the same way.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | {
+        "RAY_AUTH_MODE": "token", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     proc = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, env=env)
     deadline = time.monotonic() + 300
