@@ -12,6 +12,8 @@ import sys
 
 
 def _add_profile(sub: argparse._SubParsersAction) -> None:
+    from models.names import BACKBONES, VARIANTS
+
     p = sub.add_parser(
         "profile",
         help="count parameters and multiply-accumulates of DF-DAM and reference models",
@@ -24,8 +26,8 @@ def _add_profile(sub: argparse._SubParsersAction) -> None:
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--backbone", default="resnet18", choices=["resnet18", "resnet50", "resnet101"])
-    p.add_argument("--variant", default="dafm+2dpam", choices=["sum", "dafm", "dafm+2dpam"],
+    p.add_argument("--backbone", default="resnet18", choices=BACKBONES)
+    p.add_argument("--variant", default="dafm+2dpam", choices=VARIANTS,
                    help="ablation variant of the paper's Tables 1-2")
     p.add_argument("--size", default="320x640", help="input size as HxW (the paper: 320x640)")
     p.add_argument("--num-classes", type=int, default=19)
@@ -46,7 +48,9 @@ def _cmd_profile(args: argparse.Namespace) -> int:
 
 
 def _add_config_args(p: argparse.ArgumentParser, default_preset: str = "synthetic") -> None:
-    p.add_argument("--preset", default=default_preset, choices=["synthetic", "cityscapes", "voc"],
+    from pipeline.config import PRESETS
+
+    p.add_argument("--preset", default=default_preset, choices=list(PRESETS),
                    help="hyper-parameters: the paper's for cityscapes (batch 8, lr 0.01, wd 5e-4, crop 1024) "
                         "and voc (batch 16, lr 0.001, wd 1e-5, crop 512); small and fast for synthetic")
     p.add_argument("--data", required=True, metavar="SHARD_DIR",

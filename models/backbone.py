@@ -9,14 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 from torch import nn
 from torchvision.models import resnet
 
-BackboneName = Literal["resnet18", "resnet50", "resnet101"]
+from models.names import BackboneName
 
+# One entry per name of models.names.BACKBONES (tests/models checks that they agree).
 _BUILDERS = {
     "resnet18": (resnet.resnet18, resnet.ResNet18_Weights.IMAGENET1K_V1),
     "resnet50": (resnet.resnet50, resnet.ResNet50_Weights.IMAGENET1K_V2),

@@ -16,18 +16,15 @@ modules), ``dafm`` (DAFM, ungated spatial sum) and ``dafm+2dpam`` (the full mode
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from models.attention import DualAttentionFusion, PositionAttention2D, SumFusion
-from models.backbone import BackboneName, ResNetStages, resnet_stages
+from models.backbone import ResNetStages, resnet_stages
 from models.blocks import ConvBNReLU, SegmentationHead
-
-Variant = Literal["sum", "dafm", "dafm+2dpam"]
-VARIANTS: tuple[str, ...] = ("sum", "dafm", "dafm+2dpam")
+from models.names import VARIANTS, BackboneName, Variant
 
 
 class DFDAM(nn.Module):

@@ -16,6 +16,8 @@ import typing
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from models.names import BACKBONES, VARIANTS
+
 
 class ConfigError(ValueError):
     """A preset, override or value that the configuration cannot take."""
@@ -25,8 +27,8 @@ class ConfigError(ValueError):
 class ModelConfig:
     """DF-DAM's architecture (see ``models.build_dfdam``)."""
 
-    backbone: str = "resnet18"  # resnet18 | resnet50 | resnet101
-    variant: str = "dafm+2dpam"  # sum | dafm | dafm+2dpam (Tables 1-2)
+    backbone: str = "resnet18"  # one of models.names.BACKBONES
+    variant: str = "dafm+2dpam"  # one of models.names.VARIANTS (Tables 1-2)
     weights: str | None = None  # None | "imagenet" | path to a torchvision ResNet state_dict
     channels: int = 128  # 1x1 projections (section 3.4)
     gate_hidden: int = 32  # 2DPAM hidden width
@@ -184,7 +186,8 @@ def _preset_synthetic() -> Config:
     )
 
 
-PRESETS = {"cityscapes": _preset_cityscapes, "voc": _preset_voc, "synthetic": _preset_synthetic}
+# In the order run.py lists them as --preset choices.
+PRESETS = {"synthetic": _preset_synthetic, "cityscapes": _preset_cityscapes, "voc": _preset_voc}
 
 
 def preset(name: str) -> Config:
@@ -259,8 +262,8 @@ def apply_overrides(config: Config, overrides: list[str]) -> Config:
 def validate(config: Config) -> Config:
     """Check values that types alone cannot; returns the config unchanged."""
     checks = [
-        (config.model.backbone in ("resnet18", "resnet50", "resnet101"), "model.backbone must be resnet18, resnet50 or resnet101"),
-        (config.model.variant in ("sum", "dafm", "dafm+2dpam"), "model.variant must be sum, dafm or dafm+2dpam"),
+        (config.model.backbone in BACKBONES, f"model.backbone must be {_one_of(BACKBONES)}"),
+        (config.model.variant in VARIANTS, f"model.variant must be {_one_of(VARIANTS)}"),
         (config.optim.lr > 0, "optim.lr must be positive"),
         (config.loss.lambda_c >= 0 and config.loss.lambda_s >= 0, "loss.lambda_c and loss.lambda_s must be >= 0"),
         (config.train.epochs >= 1, "train.epochs must be at least 1"),
@@ -275,6 +278,11 @@ def validate(config: Config) -> Config:
         if not ok:
             raise ConfigError(f"{message} (got {_describe(config)})")
     return config
+
+
+def _one_of(names: tuple[str, ...]) -> str:
+    """``"a, b or c"``."""
+    return f"{', '.join(names[:-1])} or {names[-1]}" if len(names) > 1 else names[0]
 
 
 def _describe(config: Config) -> str:

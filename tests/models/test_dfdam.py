@@ -144,3 +144,20 @@ def test_bad_weights_and_names_fail_clearly(tmp_path) -> None:
         build_dfdam(NUM_CLASSES, variant="dafm+pam")
     with pytest.raises(ValueError, match="unknown backbone"):
         build_dfdam(NUM_CLASSES, backbone="resnet34")
+
+
+def test_names_are_the_ones_the_builders_take() -> None:
+    from models import BACKBONES
+    from models.backbone import _BUILDERS
+
+    assert tuple(_BUILDERS) == BACKBONES
+
+
+def test_names_load_without_torch() -> None:
+    """config and ``run.py --help`` read models.names; that must not import torch."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = "import sys, models.names; assert 'torch' not in sys.modules, 'models.names imported torch'"
+    subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2], check=True)
