@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from models.names import BACKBONES, VARIANTS
+from sharding.classes import IGNORE_INDEX
 
 
 class ConfigError(ValueError):
@@ -71,7 +72,7 @@ class LossConfig:
 
     lambda_c: float = 0.4
     lambda_s: float = 0.1
-    ignore_index: int = 255
+    ignore_index: int = IGNORE_INDEX
 
 
 @dataclass(frozen=True)

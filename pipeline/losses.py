@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-IGNORE_INDEX = 255
+from sharding.classes import IGNORE_INDEX
 
 
 def joint_loss(

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
-IGNORE_INDEX = 255
+from sharding.classes import IGNORE_INDEX
 
 
 def confusion_matrix(

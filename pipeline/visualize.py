@@ -20,7 +20,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw
 
-IGNORE_INDEX = 255
+from sharding.classes import IGNORE_INDEX
+
 TITLE_HEIGHT = 16  # pixels of the title bar above each tile of prediction_panel
 GAP = 4  # white pixels between tiles of prediction_panel
 BETA_COLORMAP = "inferno"

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cityscapesscripts.helpers.labels import labels as _CITYSCAPES_LABELS
-
 IGNORE_INDEX = 255
 """Train id of every pixel that is not scored: void classes, borders, unlabelled splits."""
 
@@ -66,9 +64,12 @@ def voc_colormap(n: int = 256) -> list[Colour]:
 
 def cityscapes_classes() -> ClassTable:
     """Cityscapes' 19 training classes, names and colours from ``cityscapesscripts``."""
+    # Imported here, not above, so that IGNORE_INDEX comes without it (pipeline.config reads it).
+    from cityscapesscripts.helpers.labels import labels
+
     by_train_id = {
         label.trainId: label
-        for label in _CITYSCAPES_LABELS
+        for label in labels
         if 0 <= label.trainId < IGNORE_INDEX
     }
     train_ids = sorted(by_train_id)
