@@ -37,6 +37,14 @@ class ModelConfig:
     aux_channels: int = 64  # auxiliary heads' width
 
 
+# The paper's recipe (section 4.1): "mean subtraction" with the ImageNet statistics the
+# pre-trained backbones were trained with, and random scales from {0.75, ..., 2.0}. The
+# defaults of DataConfig and of pipeline.transforms.
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+PAPER_TRAIN_SCALES: tuple[float, ...] = (0.75, 1.0, 1.25, 1.5, 1.75, 2.0)
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Where the shards are and how samples become batches."""
@@ -45,13 +53,13 @@ class DataConfig:
     train_split: str = "train"
     val_split: str = "val"
     crop_size: tuple[int, int] = (1024, 1024)  # (H, W) of training crops
-    scales: tuple[float, ...] = (0.75, 1.0, 1.25, 1.5, 1.75, 2.0)  # random scale set
+    scales: tuple[float, ...] = PAPER_TRAIN_SCALES  # random scale set
     batch_size: int = 8  # global batch, split evenly across workers
     eval_batch_size: int = 1  # per worker
     loader_workers: int = 2  # data-loading processes per training worker
     shuffle_buffer: int = 64  # samples
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
 
 
 @dataclass(frozen=True)

@@ -29,11 +29,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipeline.config import IMAGENET_MEAN, IMAGENET_STD, PAPER_TRAIN_SCALES
 from sharding.classes import IGNORE_INDEX
-
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
-PAPER_TRAIN_SCALES: tuple[float, ...] = (0.75, 1.0, 1.25, 1.5, 1.75, 2.0)  # section 4.1
 
 
 # ----------------------------------------------------------------------------- checks
