@@ -6,12 +6,11 @@ in order and prints the table); this file is one stage per call, all of them add
 ``<work>/rows.json``:
 
 ``--stage 1`` needs torch, torchvision, webdataset and cityscapesscripts, *not* Ray or MLflow
-(``pipeline.tracking``, the one module that imports MLflow and which stage 1 never calls, is
-replaced by a stand-in where MLflow is missing, so that ``pipeline.train`` imports):
+(``pipeline.loop``, the plain PyTorch loop, imports neither):
 
 * **data**: a synthetic Cityscapes at the real size (``sharding.synthetic.make_cityscapes``,
   1024x2048 frames) packed into shards by ``sharding.write.shard_dataset``.
-* **train DF-DAM-R18 / DF-DAM-R101 / DeepLabV3-R50**: ``pipeline.train.setup_training`` +
+* **train DF-DAM-R18 / DF-DAM-R101 / DeepLabV3-R50**: ``pipeline.loop.setup_training`` +
   ``train_one_epoch`` (the real training step, fp16 autocast with a GradScaler on the GPU)
   on batches from ``pipeline.data.train_loader`` with ``data.loader_workers`` processes (8 on
   the GPU, what a 16-core node gives one worker): a short warm-up epoch, then a timed one.
@@ -59,7 +58,6 @@ import signal
 import subprocess
 import sys
 import time
-import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -166,26 +164,6 @@ def format_table(rows: list[Row]) -> str:
 # ----------------------------------------------------------------------------- stage 1 (no Ray, no MLflow)
 
 
-def _without_mlflow() -> str:
-    """Make ``pipeline.train`` importable where MLflow is not installed (the bare GPU image).
-
-    ``pipeline.tracking`` is the one module that imports mlflow, and stage 1 calls none of it:
-    a stand-in module takes its place, raising if anything reaches for it.
-    """
-    try:
-        import mlflow  # noqa: F401
-        return "mlflow " + sys.modules["mlflow"].__version__
-    except ImportError:
-        pass
-
-    class _NoTracking(types.ModuleType):
-        def __getattr__(self, name: str) -> Any:  # AttributeError: hasattr() and inspect must see "absent"
-            raise AttributeError(f"pipeline.tracking.{name}: MLflow is not installed (gpu_check stage 1 runs without it)")
-
-    sys.modules["pipeline.tracking"] = _NoTracking("pipeline.tracking")
-    return "no mlflow (pipeline.tracking stubbed)"
-
-
 def _gib(n: int) -> float:
     return n / 2**30
 
@@ -245,7 +223,7 @@ def timed_training(run, cfg, shards: Path, sizes: Sizes, device, epochs: tuple[i
     import torch
 
     from pipeline.data import train_loader
-    from pipeline.train import train_one_epoch
+    from pipeline.loop import train_one_epoch
     from sharding.manifest import read_manifest
 
     manifest = read_manifest(shards, "train")
@@ -254,7 +232,7 @@ def timed_training(run, cfg, shards: Path, sizes: Sizes, device, epochs: tuple[i
         loader = train_loader(epoch_manifest(manifest, steps * sizes.batch), cfg.data, rank=0, world_size=1,
                               epoch=epoch, seed=cfg.train.seed)
         stats = train_one_epoch(run.model, loader, run.optimizer, cfg, epoch=epoch, steps=sizes.timed_steps,
-                                schedule=run.schedule, device=device, scaler=run.scaler, log=None)
+                                schedule=run.schedule, device=device, scaler=run.scaler)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     peak = _gib(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
@@ -278,11 +256,10 @@ def _free(device) -> None:
 
 
 def stage1(work: Path, sizes: Sizes, device_name: str) -> None:
-    tracking_note = _without_mlflow()
     import torch
     import torchvision
 
-    from pipeline.train import TrainingState, setup_training
+    from pipeline.loop import TrainingState, setup_training
 
     device = torch.device(device_name)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -305,7 +282,7 @@ def stage1(work: Path, sizes: Sizes, device_name: str) -> None:
             cs = "?"
         return OK, (f"python {platform.python_version()}, torch {torch.__version__}, torchvision {torchvision.__version__}"
                     f"{gpu}; webdataset {getattr(webdataset, '__version__', '?')}, cityscapesscripts {cs}; "
-                    f"{tracking_note}; {os.cpu_count()} CPUs")
+                    f"{os.cpu_count()} CPUs")
 
     run_check(work, 1, "environment", environment)
 
@@ -405,7 +382,7 @@ class Saved:
 def save_for_resume(work: Path, run, cfg, shards: Path, sizes: Sizes) -> Saved:
     """Checkpoint the R18 run as the Ray worker does at the end of epoch 2 (``save_checkpoint``)."""
     from pipeline.checkpoint import save_checkpoint
-    from pipeline.train import dataset_info
+    from pipeline.loop import dataset_info
     from sharding.manifest import read_manifest
 
     steps = sizes.timed_steps
@@ -425,7 +402,7 @@ def check_resume(saved: Saved, shards: Path, sizes: Sizes, device) -> tuple[str,
 
     from pipeline.checkpoint import build_model, load_checkpoint
     from pipeline.optim import build_optimizer
-    from pipeline.train import setup_training
+    from pipeline.loop import setup_training
 
     steps, cfg, folder = sizes.timed_steps, saved.cfg, saved.folder
     _free(device)

@@ -9,7 +9,7 @@ Two measurements, both for ONE training worker (one Ray Train worker = one proce
    ``train.amp`` does, and fp32 on CPU), ``pipeline.losses.joint_loss`` (Eq. 12,
    lambda_c = 0.4, lambda_s = 0.1), backward, SGD step from
    ``pipeline.optim.build_optimizer`` -- the same sequence as
-   ``pipeline.train.train_one_epoch``. The peer is torchvision's DeepLabV3-ResNet-50
+   ``pipeline.loop.train_one_epoch``. The peer is torchvision's DeepLabV3-ResNet-50
    (output stride 8, no aux head) in the *same loop*, with the same optimizer recipe.
    Inputs are random tensors already in memory, so this measures compute only. Each
    row is ``--warmup`` untimed steps then ``--steps`` timed steps; seconds/step is the
@@ -82,7 +82,7 @@ import models  # noqa: E402
 from pipeline.config import DataConfig, LossConfig, OptimConfig  # noqa: E402
 from pipeline.data import decode_sample, train_loader  # noqa: E402
 from pipeline.optim import PolySchedule, build_optimizer, set_lr  # noqa: E402
-from pipeline.train import train_step  # noqa: E402
+from pipeline.loop import train_step  # noqa: E402
 from pipeline.transforms import TrainTransform  # noqa: E402
 from sharding.cityscapes import IMAGE_SUFFIX, LABEL_SUFFIX, train_id_lut  # noqa: E402
 from sharding.manifest import Manifest, read_manifest  # noqa: E402

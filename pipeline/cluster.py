@@ -15,6 +15,7 @@ itself would retry for half a minute or more:
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 from pathlib import Path
@@ -124,8 +125,13 @@ def check_auth(address: str, timeout_s: float = 5.0) -> None:
 
 
 def connect_ray(address: str | None, resources: dict[str, float] | None = None, *,
-                node_ip_address: str | None = None) -> None:
-    """Join ``address`` (or ``$RAY_ADDRESS``), or start a fresh local cluster.
+                node_ip_address: str | None = None) -> str:
+    """Join ``address`` (or ``$RAY_ADDRESS``), or start a fresh local cluster; returns where
+    Ray's own output goes (:func:`log_folder`).
+
+    Workers' output stays in Ray's log files (``log_to_driver=False``) and Ray's driver-side
+    INFO lines are not printed: the console shows the pipeline's own lines
+    (``pipeline/console.py``), and says where the rest is.
 
     ``resources``: custom resources for a local cluster (Tune's trial drivers hold a sliver of
     one instead of a CPU); ignored when joining. ``node_ip_address``: the IP of this driver's
@@ -146,14 +152,17 @@ def connect_ray(address: str | None, resources: dict[str, float] | None = None, 
         if "://" not in address:  # ray:// is the Ray Client server, not the GCS
             check_auth(address)
     if ray.is_initialized():  # already connected (a notebook, a test session)
-        return
+        return log_folder()
+    # Ray 2.60 warns at every ray.init that token authentication is on; that is the default
+    # this module's messages explain where it matters, not news for every run.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     # (Ray Client, ray://, takes no node IP: the driver's node is the server's.)
     kwargs = {"_node_ip_address": node_ip_address} if node_ip_address and "://" not in (address or "") else {}
     try:
         if address:
-            ray.init(address=address, log_to_driver=True, **kwargs)
+            ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING, **kwargs)
         else:
-            start_local_cluster(resources=resources, log_to_driver=True)
+            start_local_cluster(resources=resources, log_to_driver=False, logging_level=logging.WARNING)
     except Exception as exc:  # noqa: BLE001 - Ray raises many types; all mean "no cluster"
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if not address:
@@ -162,6 +171,18 @@ def connect_ray(address: str | None, resources: dict[str, float] | None = None, 
             raise ConnectionError(f"cannot join the Ray cluster at {address!r}: {message}. "
                                   + _auth_help(address)) from None
         raise ConnectionError(f"cannot reach the Ray cluster at {address!r}: {message}. {_START_ONE}") from None
+    return log_folder()
+
+
+def log_folder() -> str:
+    """The Ray log folder of this driver's node (each node keeps its workers' output in its own)."""
+    import ray
+
+    node = getattr(ray._private.worker, "_global_node", None)  # no public API names the session folder
+    try:
+        return str(node.get_logs_dir_path())
+    except AttributeError:
+        return "/tmp/ray/session_latest/logs"
 
 
 @contextlib.contextmanager

@@ -10,9 +10,13 @@ MLflow state crosses process boundaries.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +28,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types import Schema, TensorSpec
+
+# MLflow's own INFO lines (store creation, database migrations) stay out of the console.
+logging.getLogger("mlflow").setLevel(logging.WARNING)
 
 RUN_TAG = "dfdam.ray_run"  # the Ray Train run name a MLflow run belongs to
 MODEL_URI_TAG = "dfdam.model_uri"
@@ -150,6 +157,41 @@ def set_tags(uri: str, run_id: str, tags: dict[str, str]) -> None:
 def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     """Close a run: FINISHED, FAILED or KILLED (a run left RUNNING looks alive forever)."""
     MlflowClient(uri).set_terminated(run_id, status=status)
+
+
+@contextlib.contextmanager
+def run_status(uri: str, run_id: str, *,
+               killed: tuple[type[BaseException], ...] = (KeyboardInterrupt,)) -> Iterator[str]:
+    """Close run ``run_id`` as its block ends: FINISHED, KILLED on ``killed`` (Ctrl+C), else FAILED.
+
+    The one place that decides a tracked run's final status, for a training run, a trial
+    and a search alike; the exception itself goes on.
+    """
+    try:
+        yield run_id
+    except killed:
+        end_run(uri, run_id, "KILLED")
+        raise
+    except BaseException:
+        end_run(uri, run_id, "FAILED")
+        raise
+    end_run(uri, run_id, "FINISHED")
+
+
+@dataclass(frozen=True)
+class ChildRun:
+    run_id: str
+    status: str  # RUNNING, FINISHED, FAILED, KILLED
+    tags: dict[str, str]
+
+
+def child_runs(uri: str, experiment: str, parent_run_id: str) -> list[ChildRun]:
+    """The runs whose parent is ``parent_run_id`` (a search's trials)."""
+    client = MlflowClient(uri)
+    experiment_id = get_experiment_id(client, experiment, uri)
+    found = client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
+                               max_results=1000)
+    return [ChildRun(r.info.run_id, r.info.status, dict(r.data.tags)) for r in found]
 
 
 def log_model(uri: str, run_id: str, model: torch.nn.Module, num_classes: int, code_path: str | Path,

@@ -17,7 +17,7 @@ def _free_port() -> int:
 
 
 def _rank(rank: int, world: int, port: int, out: str) -> None:
-    from pipeline.train import average_buffers
+    from pipeline.loop import average_buffers
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     torch.manual_seed(0)  # the same weights on every rank, as DDP keeps them

@@ -10,7 +10,7 @@ import torch
 from pipeline.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.config import Config
 from pipeline.data import steps_per_epoch, train_loader
-from pipeline.train import TrainingState, setup_training, train_one_epoch
+from pipeline.loop import TrainingState, setup_training, train_one_epoch
 from sharding.manifest import read_manifest
 
 CPU = torch.device("cpu")
@@ -20,7 +20,7 @@ def _epoch(run: TrainingState, cfg: Config, shards: Path, epoch: int, steps: int
     manifest = read_manifest(shards, "train")
     loader = train_loader(manifest, cfg.data, rank=0, world_size=1, epoch=epoch, seed=cfg.train.seed)
     return train_one_epoch(run.model, loader, run.optimizer, cfg, epoch=epoch, steps=steps, schedule=run.schedule,
-                           device=CPU, scaler=run.scaler, log=None)
+                           device=CPU, scaler=run.scaler)
 
 
 def _save(run: TrainingState, cfg: Config, folder: Path, epoch: int, steps: int) -> dict:

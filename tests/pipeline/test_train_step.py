@@ -7,7 +7,7 @@ import torch
 from models import build_dfdam
 from pipeline.config import build_config
 from pipeline.optim import PolySchedule, build_optimizer
-from pipeline.train import train_one_epoch, train_step
+from pipeline.loop import train_one_epoch, train_step
 
 
 def _batch() -> tuple[torch.Tensor, torch.Tensor]:
@@ -30,18 +30,19 @@ def test_repeated_steps_fit_a_batch() -> None:
     assert losses[-1] < 0.5 * losses[0]
 
 
-def test_epoch_runs_every_step_and_reports(capsys: pytest.CaptureFixture[str]) -> None:
+def test_epoch_runs_every_step_and_reports() -> None:
     cfg = build_config("synthetic", ["train.epochs=1", "train.log_every=2"])
     model = build_dfdam(2)
     optimizer = build_optimizer(model, cfg.optim)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
+    seen: list[dict[str, float]] = []
     stats = train_one_epoch(model, [_batch()] * 3, optimizer, cfg, epoch=0, steps=3, schedule=PolySchedule(cfg.optim.lr, 3),
-                            device=torch.device("cpu"), scaler=scaler)
+                            device=torch.device("cpu"), scaler=scaler, progress=seen.append)
     assert set(stats) == {"loss", "loss_p", "loss_c", "loss_s", "lr", "images_per_s", "data_wait_share"}
     assert 0.0 <= stats["data_wait_share"] < 1.0
     assert stats["lr"] == pytest.approx(cfg.optim.lr * (1 - 2 / 3) ** 0.9)  # the poly rate of the last step
-    lines = capsys.readouterr().out.splitlines()
-    assert [line.split(" loss")[0] for line in lines] == ["epoch 1/1 step 2/3", "epoch 1/1 step 3/3"]
+    assert [(p["epoch"], p["step"], p["steps"]) for p in seen] == [(1, 2, 3), (1, 3, 3)]  # every log_every, and the last
+    assert seen[-1]["loss"] == pytest.approx(stats["loss"]) and seen[-1]["lr"] == stats["lr"]
 
 
 def test_a_diverging_loss_stops_with_advice() -> None:
