@@ -38,9 +38,10 @@ def _add_profile(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_profile(args: argparse.Namespace) -> int:
-    from pipeline.profiling import format_rows, parse_size, profile_rows
+    from pipeline.profiling import format_rows, profile_rows
+    from sharding.text import parse_size
 
-    size = parse_size(args.size)
+    size = parse_size(args.size, minimum=32)  # the trunk's output stride
     rows = profile_rows(args.backbone, size, args.num_classes, variant=args.variant,
                         references=not args.no_reference)
     print(format_rows(rows, args.format))
@@ -243,16 +244,14 @@ def _add_make_synthetic(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_make_synthetic(args: argparse.Namespace) -> int:
     from sharding.synthetic import make_cityscapes, make_voc
+    from sharding.text import parse_size
 
     def given(value: int | None, default: int) -> int:
         return default if value is None else value
 
     try:
         if args.layout == "cityscapes":
-            try:
-                height, width = (int(v) for v in args.size.lower().split("x"))
-            except ValueError:
-                raise ValueError(f"--size must look like 128x256 (HxW), got {args.size!r}") from None
+            height, width = parse_size(args.size)
             marker = make_cityscapes(args.out, seed=args.seed, train=given(args.train, 48),
                                      val=given(args.val, 12), test=args.test, height=height, width=width,
                                      show_progress=True)

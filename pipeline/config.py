@@ -18,6 +18,7 @@ from typing import Any
 
 from models.names import BACKBONES, VARIANTS
 from sharding.classes import IGNORE_INDEX
+from sharding.text import parse_size
 
 
 class ConfigError(ValueError):
@@ -207,7 +208,11 @@ def preset(name: str) -> Config:
 
 
 def _parse(text: str, hint: Any, where: str) -> Any:
-    """Parse ``text`` as a value of type ``hint`` (int, float, bool, str, X | None, tuples)."""
+    """Parse ``text`` as a value of type ``hint`` (int, float, bool, str, X | None, tuples).
+
+    Tuples are comma-separated; a pair of ints (a size such as ``data.crop_size``) is also
+    taken as ``HxW``.
+    """
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(hint) if a is not type(None)]
@@ -216,7 +221,12 @@ def _parse(text: str, hint: Any, where: str) -> Any:
         return _parse(text, args[0], where)
     if origin is tuple:
         args = typing.get_args(hint)
-        parts = [p for p in text.replace("x", ",").split(",") if p.strip()] if text.strip() else []
+        if args == (int, int) and "x" in text.lower():
+            try:
+                return parse_size(text)
+            except ValueError as exc:
+                raise ConfigError(f"{where}: {exc}") from None
+        parts = [p for p in text.split(",") if p.strip()] if text.strip() else []
         if len(args) == 2 and args[1] is Ellipsis:
             if not parts:
                 raise ConfigError(f"{where}: expected at least one value, got {text!r}")
@@ -249,23 +259,46 @@ def apply_overrides(config: Config, overrides: list[str]) -> Config:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.field=value")
         key, text = item.split("=", 1)
-        key = key.strip()
-        if "." not in key:
-            raise ConfigError(f"override {item!r} must name section.field, e.g. optim.lr=0.01")
-        section_name, field_name = key.split(".", 1)
-        if section_name not in _SECTIONS:
-            near = difflib.get_close_matches(section_name, _SECTIONS, n=1)
-            hint = f"; did you mean {near[0]!r}?" if near else ""
-            raise ConfigError(f"unknown config section {section_name!r} in {item!r}: expected one of {list(_SECTIONS)}{hint}")
-        section = getattr(config, section_name)
-        hints = typing.get_type_hints(type(section))
-        if field_name not in hints:
-            near = difflib.get_close_matches(field_name, list(hints), n=1)
-            hint = f"; did you mean {section_name}.{near[0]}?" if near else ""
-            raise ConfigError(f"unknown field {key!r}: {section_name} has {sorted(hints)}{hint}")
-        value = _parse(text, hints[field_name], key)
-        config = replace(config, **{section_name: replace(section, **{field_name: value})})
+        section_name, field_name, hint = _field(config, key.strip(), item)
+        config = _set(config, section_name, field_name, _parse(text, hint, key.strip()))
     return validate(config)
+
+
+def with_values(config: Config, values: dict[str, Any]) -> Config:
+    """``config`` with ``{"section.field": value}`` set as typed values, no text in between.
+
+    For values that are already Python objects (Tune's sampled floats): ints and floats go
+    to float fields as floats, every other value must have the field's type.
+    """
+    for key, value in values.items():
+        section_name, field_name, hint = _field(config, key, key)
+        if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = float(value)
+        elif hint in (int, float, bool, str) and type(value) is not hint:
+            raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}")
+        config = _set(config, section_name, field_name, value)
+    return validate(config)
+
+
+def _field(config: Config, key: str, where: str) -> tuple[str, str, Any]:
+    """``(section, field, type hint)`` of ``section.field``; unknown names raise with the closest valid ones."""
+    if "." not in key:
+        raise ConfigError(f"override {where!r} must name section.field, e.g. optim.lr=0.01")
+    section_name, field_name = key.split(".", 1)
+    if section_name not in _SECTIONS:
+        near = difflib.get_close_matches(section_name, _SECTIONS, n=1)
+        hint = f"; did you mean {near[0]!r}?" if near else ""
+        raise ConfigError(f"unknown config section {section_name!r} in {where!r}: expected one of {list(_SECTIONS)}{hint}")
+    hints = typing.get_type_hints(type(getattr(config, section_name)))
+    if field_name not in hints:
+        near = difflib.get_close_matches(field_name, list(hints), n=1)
+        hint = f"; did you mean {section_name}.{near[0]}?" if near else ""
+        raise ConfigError(f"unknown field {key!r}: {section_name} has {sorted(hints)}{hint}")
+    return section_name, field_name, hints[field_name]
+
+
+def _set(config: Config, section_name: str, field_name: str, value: Any) -> Config:
+    return replace(config, **{section_name: replace(getattr(config, section_name), **{field_name: value})})
 
 
 def validate(config: Config) -> Config:

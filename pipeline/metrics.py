@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import torch
 
 from sharding.classes import IGNORE_INDEX
+from sharding.text import format_table
 
 
 def confusion_matrix(
@@ -158,14 +159,7 @@ def format_iou_table(cm: torch.Tensor, class_names: Sequence[str]) -> str:
         raise ValueError(f"format_iou_table: {len(class_names)} class names for a {cm.shape[0]}-class matrix")
     iou = iou_per_class(cm).cpu().tolist()
     gt = cm.sum(dim=1).cpu().tolist()
-    name_w = max([len("pixel accuracy"), *(len(str(n)) for n in class_names)])
-    pix_w = max(len("GT pixels"), *(len(f"{g:,}") for g in gt))
-    lines = [f"{'class':<{name_w}}  {'IoU %':>6}  {'GT pixels':>{pix_w}}", "-" * (name_w + pix_w + 10)]
-    for name, value, count in zip(class_names, iou, gt):
-        shown = "-" if value != value else f"{100 * value:.2f}"  # NaN != NaN
-        lines.append(f"{str(name):<{name_w}}  {shown:>6}  {count:>{pix_w},}")
-    lines.append("-" * (name_w + pix_w + 10))
-    miou, acc = mean_iou(cm), pixel_accuracy(cm)
-    lines.append(f"{'mIoU':<{name_w}}  {100 * miou:>6.2f}")
-    lines.append(f"{'pixel accuracy':<{name_w}}  {100 * acc:>6.2f}")
-    return "\n".join(lines)
+    rows = [(name, "-" if value != value else f"{100 * value:.2f}", f"{count:,}")  # NaN != NaN
+            for name, value, count in zip(class_names, iou, gt)]
+    summary = [("mIoU", f"{100 * mean_iou(cm):.2f}", ""), ("pixel accuracy", f"{100 * pixel_accuracy(cm):.2f}", "")]
+    return format_table(("class", "IoU %", "GT pixels"), rows, footer=summary)

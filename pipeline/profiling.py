@@ -18,6 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision.models import segmentation
 
 from models import build_dfdam
+from sharding.text import format_table
 
 # (backbone) -> (table, params, MACs) as printed in the paper, input 3x320x640.
 PAPER_DFDAM = {
@@ -43,17 +44,6 @@ class ProfileRow:
     input: str  # "3x320x640"
     params_vs_paper: float | None = None  # relative difference to the paper's figure
     macs_vs_paper: float | None = None
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    """Parse ``"HxW"`` (e.g. ``"320x640"``) into ``(H, W)``; a clear error otherwise."""
-    parts = text.lower().split("x")
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-        raise ValueError(f"--size must look like HxW, e.g. 320x640; got {text!r}")
-    h, w = (int(p) for p in parts)
-    if h < 32 or w < 32:
-        raise ValueError(f"--size must be at least 32x32 (the trunk's output stride), got {text!r}")
-    return h, w
 
 
 def count(build: Callable[[], nn.Module], size: tuple[int, int]) -> tuple[int, int]:
@@ -120,8 +110,5 @@ def format_rows(rows: list[ProfileRow], fmt: str = "table") -> str:
          pct(r.params_vs_paper), pct(r.macs_vs_paper))
         for r in rows
     ]
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *body)]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in (header, *body)]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    lines.append("MACs = multiply-accumulates (the paper's 'GFLOPs'); auxiliary heads excluded.")
-    return "\n".join(lines)
+    table = format_table(header, body, align="l" * len(header))
+    return table + "\nMACs = multiply-accumulates (the paper's 'GFLOPs'); auxiliary heads excluded."

@@ -31,6 +31,7 @@ from sharding.manifest import (ShardInfo, build_metadata, manifest_path, rejects
 from sharding.pack import INDEX_SUFFIX, Progress, ShardResult, ShardTask, pack_shard, pool_init, pool_pack
 from sharding.samples import DatasetError, Discovery, Reject, SampleError, SourceSample
 from sharding.synthetic import read_marker
+from sharding.text import format_table
 
 log = logging.getLogger(__name__)
 
@@ -286,9 +287,4 @@ def format_summary(reports: Sequence[SplitReport]) -> str:
                       str(sum(r.shards_reused for r in reports)), f"{sum(r.bytes for r in reports) / 1e6:.1f}",
                       f"{seconds:.1f}", f"{samples / seconds if seconds else 0:.1f}",
                       f"{source / 1e6 / seconds if seconds else 0:.1f}", str(sum(len(r.rejects) for r in reports))])
-    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
-
-    def fmt(cells: Sequence[str]) -> str:  # split name left-aligned, numbers right-aligned
-        return "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-
-    return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *(fmt(line) for line in lines)])
+    return format_table(header, lines)  # split name left-aligned, numbers right-aligned

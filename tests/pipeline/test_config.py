@@ -34,6 +34,7 @@ def test_overrides_are_parsed_by_type() -> None:
         ("optim.lr=fast", "expected float"),
         ("train.gpu=maybe", "expected bool"),
         ("data.crop_size=96", "expected 2 comma-separated values"),
+        ("data.crop_size=96x", "data.crop_size: expected HxW such as 128x256"),
         ("lr=0.1", "section.field"),
         ("optim.lr", "section.field=value"),
         ("train.workers=3", "divisible"),
