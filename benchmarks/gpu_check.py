@@ -151,14 +151,10 @@ def run_check(work: Path, stage: int, check: str, body: Callable[[], tuple[str, 
 
 
 def format_table(rows: list[Row]) -> str:
-    header = ["stage", "check", "result", "seconds", "figures"]
+    from sharding.text import format_table as aligned  # standard library only: no Ray, MLflow or torch
+
     lines = [[str(r.stage), r.check, r.result, f"{r.seconds:.1f}", r.figures] for r in rows]
-    widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(header)]
-
-    def fmt(cells: list[str]) -> str:
-        return "  ".join(c.rjust(w) if i == 3 else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
-
-    return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *(fmt(line) for line in lines)])
+    return aligned(["stage", "check", "result", "seconds", "figures"], lines, align="lllrl")
 
 
 # ----------------------------------------------------------------------------- stage 1 (no Ray, no MLflow)

@@ -85,12 +85,14 @@ from pipeline.optim import PolySchedule, build_optimizer, set_lr  # noqa: E402
 from pipeline.loop import train_step  # noqa: E402
 from pipeline.transforms import TrainTransform  # noqa: E402
 from sharding.cityscapes import IMAGE_SUFFIX, LABEL_SUFFIX, train_id_lut  # noqa: E402
+from sharding.classes import IGNORE_INDEX  # noqa: E402
 from sharding.manifest import Manifest, read_manifest  # noqa: E402
 from sharding.synthetic import make_cityscapes  # noqa: E402
+from sharding.text import format_table, parse_size  # noqa: E402
 from sharding.write import shard_dataset  # noqa: E402
 
 NUM_CLASSES = 19  # Cityscapes train ids
-IGNORE_INDEX = 255
+MIN_SIZE = 32  # the trunk's output stride
 SPLIT = "train"
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -366,7 +368,7 @@ def prepare_data(args: argparse.Namespace, crop: tuple[int, int], scratch: Path,
     root: Path | None = args.data_root
     shards: Path | None = args.shards
     if root is None and shards is None:
-        height, width = parse_size(args.image_size) if args.image_size else (crop[0], 2 * crop[1])
+        height, width = parse_size(args.image_size, MIN_SIZE) if args.image_size else (crop[0], 2 * crop[1])
         root = scratch / "cityscapes"
         start = time.perf_counter()
         make_cityscapes(root, seed=0, train=args.images, val=2, test=1, height=height, width=width)
@@ -390,16 +392,6 @@ def prepare_data(args: argparse.Namespace, crop: tuple[int, int], scratch: Path,
 # ----------------------------------------------------------------------------- output
 
 
-def table(header: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
-    """Plain-text table: first column left-aligned, the others right-aligned."""
-    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
-
-    def fmt(cells: Sequence[str]) -> str:
-        return "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-
-    return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *(fmt(line) for line in lines)])
-
-
 def train_table(rows: list[TrainRow]) -> str:
     reference = {r.threads: r for r in rows if r.model.startswith("DeepLabV3")}
     lines = []
@@ -413,7 +405,7 @@ def train_table(rows: list[TrainRow]) -> str:
         lines.append([r.model, str(r.threads), str(r.batch), f"{r.params_m:.1f}", f"{r.median_s:.3f}",
                       f"{min(r.step_seconds):.3f}", f"{max(r.step_seconds):.3f}", f"{r.images_per_s:.2f}",
                       "" if r is peer else f"{ratio:.2f}x", f"{r.cpu_per_wall:.2f}", f"{r.load_avg:.2f}"])
-    return table(["model", "threads", "batch", "params M", "s/step (median)", "min", "max", "images/s",
+    return format_table(["model", "threads", "batch", "params M", "s/step (median)", "min", "max", "images/s",
                   "DF-DAM / DLv3", "cpu/wall", "load 1m"], lines)
 
 
@@ -432,21 +424,19 @@ def data_table(rows: list[DataRow]) -> str:
         peer = shard_rows.get(is_decode(r))
         lines.append([r.source, r.stage, str(r.samples), f"{r.samples_per_s:.1f}", f"{r.ms_per_sample:.2f}",
                       augment, f"{r.samples_per_s / peer.samples_per_s:.2f}x" if peer else ""])
-    return table(["source", "stage", "samples", "samples/s", "ms/sample", "augment ms (full - decode)",
+    return format_table(["source", "stage", "samples", "samples/s", "ms/sample", "augment ms (full - decode)",
                   "vs shards"], lines)
 
 
 # ----------------------------------------------------------------------------- main
 
 
-def parse_size(text: str) -> tuple[int, int]:
+def size_arg(text: str) -> tuple[int, int]:
+    """``parse_size`` for argparse, which shows an ArgumentTypeError's message (a ValueError's it does not)."""
     try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected HxW, e.g. 256x256, got {text!r}") from None
-    if h < 32 or w < 32:
-        raise argparse.ArgumentTypeError(f"sizes must be at least 32x32 (output stride 32), got {text!r}")
-    return h, w
+        return parse_size(text, MIN_SIZE)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def parse_threads(text: str) -> list[int]:
@@ -477,7 +467,7 @@ def machine_facts(device: torch.device, threads: list[int], amp: torch.dtype | N
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--crop", type=parse_size, default=(256, 256), metavar="HxW",
+    parser.add_argument("--crop", type=size_arg, default=(256, 256), metavar="HxW",
                         help="training crop (default 256x256; the paper: 1024x1024 Cityscapes, 512x512 VOC)")
     parser.add_argument("--batch", type=int, default=4, help="per-worker batch (default 4; the paper: 8 / 16)")
     parser.add_argument("--threads", type=parse_threads, default=[1], metavar="N[,N...]",
@@ -508,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch < 1 or args.steps < 1 or args.warmup < 0 or args.samples < 1 or args.repeat < 1:
         parser.error("--batch, --steps, --samples and --repeat must be >= 1, --warmup >= 0")
     if args.image_size:
-        parse_size(args.image_size)
+        size_arg(args.image_size)
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
