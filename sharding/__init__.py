@@ -12,4 +12,7 @@ file imports nothing, so worker processes load only the modules they use.
 - :mod:`sharding.manifest`: the Parquet manifest, the contract with ``pipeline/data.py``.
 - :mod:`sharding.verify`: re-read every shard against its manifest.
 - :mod:`sharding.synthetic`: a small learnable dataset in the real layouts.
+- :mod:`sharding.marker`: the file in which a synthetic dataset declares its image counts.
+- :mod:`sharding.text`: ``HxW`` sizes and aligned text tables, for every command line
+  (standard library only: the lowest layer, so pipeline, ``run.py`` and the benchmarks share it).
 """

@@ -38,8 +38,8 @@ from tqdm import tqdm
 from cityscapesscripts.helpers.labels import id2label
 
 from sharding.classes import voc_colormap
+from sharding.marker import MARKER
 
-MARKER = "dfdam_synthetic.json"
 LAYOUTS = ("cityscapes", "voc")
 CITYSCAPES_CITIES = {
     "train": ("aachen", "bochum", "bremen", "cologne", "darmstadt", "dusseldorf"),
@@ -57,18 +57,7 @@ PERSON, RIDER, CAR, TRUCK, BUS, BICYCLE = 24, 25, 26, 27, 28, 33
 Box = tuple[float, float, float, float]
 
 
-# --------------------------------------------------------------------------- marker
-
-def read_marker(root: Path | str) -> dict[str, Any] | None:
-    """The synthetic marker of a dataset root, or ``None`` for a real dataset."""
-    path = Path(root) / MARKER
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except ValueError as exc:
-        raise ValueError(f"{path}: unreadable synthetic marker ({exc}); delete it or regenerate the data") from None
-
+# --------------------------------------------------------------------------- output folder, marker (read by sharding.marker)
 
 def _prepare_out(out: Path, layout_dirs: tuple[str, ...]) -> None:
     """Create ``out``, clearing a previous synthetic dataset; refuse other non-empty folders."""

@@ -28,9 +28,9 @@ from sharding.atomic import atomic_write_bytes, remove_temporaries
 from sharding.classes import classes_for
 from sharding.manifest import (ShardInfo, build_metadata, manifest_path, rejects_path, shard_name,
                                write_manifest)
+from sharding.marker import read_marker
 from sharding.pack import INDEX_SUFFIX, Progress, ShardResult, ShardTask, pack_shard, pool_init, pool_pack
 from sharding.samples import DatasetError, Discovery, Reject, SampleError, SourceSample
-from sharding.synthetic import read_marker
 from sharding.text import format_table
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,8 @@ import scipy.io
 from PIL import Image
 
 from sharding import cityscapes, voc
-from sharding.synthetic import MARKER, make_cityscapes, make_voc, read_marker, render_cityscapes, render_voc
+from sharding.marker import MARKER, read_marker
+from sharding.synthetic import make_cityscapes, make_voc, render_cityscapes, render_voc
 
 
 def _tree(root: Path) -> dict[str, bytes]:
