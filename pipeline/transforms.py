@@ -78,24 +78,13 @@ def _affine(mean: Sequence[float], std: Sequence[float]) -> tuple[torch.Tensor, 
 
 
 def _to_normalised(hwc: np.ndarray, scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """uint8 (h, w, 3) -> float32 (3, h, w), normalised; ``hwc`` may be a strided view."""
+    """uint8 (h, w, 3) -> float32 (3, h, w), normalised; ``hwc`` may be a strided view.
+
+    This is the "mean subtraction" of section 4.1, with the ImageNet statistics of the
+    pre-trained backbone by default.
+    """
     chw = torch.from_numpy(np.array(hwc, dtype=np.uint8, copy=True)).permute(2, 0, 1)  # (3, h, w)
     return chw.to(torch.float32).mul_(scale).add_(bias)
-
-
-def normalize(
-    image: np.ndarray,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
-) -> torch.Tensor:
-    """uint8 numpy (H, W, 3) RGB -> float32 tensor (3, H, W) equal to ``(image / 255 - mean) / std``.
-
-    This is the "mean subtraction" of section 4.1 with the ImageNet statistics of the
-    pre-trained backbone.
-    """
-    _check_image(image, "normalize")
-    _check_mean_std(mean, std, "normalize")
-    return _to_normalised(image, *_affine(mean, std))
 
 
 def denormalize(
@@ -103,7 +92,7 @@ def denormalize(
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
 ) -> np.ndarray:
-    """Inverse of :func:`normalize`: float (3, H, W) -> uint8 numpy (H, W, 3) RGB, for drawing.
+    """Inverse of the transforms' normalisation: float (3, H, W) -> uint8 numpy (H, W, 3) RGB, for drawing.
 
     Values are rounded and clipped to [0, 255]; padded pixels (0 in normalised space)
     come back as the mean colour.

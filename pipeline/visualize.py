@@ -1,4 +1,4 @@
-"""Pictures of segmentations: colourised masks, overlays, comparison panels, confusion matrices.
+"""Pictures of segmentations: colourised masks, comparison panels, confusion matrices, search plots.
 
 Pure functions on numpy arrays; no pyplot (its global state does not belong in Ray
 workers), only :class:`matplotlib.figure.Figure` rendered with the Agg canvas. Arrays
@@ -8,10 +8,7 @@ are uint8 RGB ``(H, W, 3)`` unless stated; an image tensor from
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import matplotlib
@@ -63,19 +60,6 @@ def colorize(
         raise ValueError(f"colorize: label values {np.unique(lab[bad])[:10].tolist()} have no colour in a {k}-colour palette")
     lut = np.concatenate([pal, np.asarray(ignore_color).reshape(1, 3)]).astype(np.uint8)  # (K + 1, 3), row K = ignore
     return lut[np.where(valid, lab, k)]  # (H, W) -> (H, W, 3)
-
-
-def overlay(image_rgb: np.ndarray, mask_rgb: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """Blend ``(1 - alpha) * image + alpha * mask``, rounded to uint8 ``(H, W, 3)``."""
-    image_rgb, mask_rgb = _as_numpy(image_rgb), _as_numpy(mask_rgb)
-    _check_rgb(image_rgb, "image_rgb", "overlay")
-    _check_rgb(mask_rgb, "mask_rgb", "overlay")
-    if image_rgb.shape != mask_rgb.shape:
-        raise ValueError(f"overlay: image {image_rgb.shape} and mask {mask_rgb.shape} differ in size")
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"overlay: alpha must be in [0, 1], got {alpha}")
-    blended = (1.0 - alpha) * image_rgb.astype(np.float32) + alpha * mask_rgb.astype(np.float32)
-    return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
 
 
 def heatmap(values: np.ndarray, size: tuple[int, int] | None = None, colormap: str = BETA_COLORMAP) -> np.ndarray:
@@ -221,37 +205,3 @@ def search_figure(
         axes[-1].legend(fontsize=7, loc="best")
     fig.suptitle(f"search: {len(kept)} of {len(rows)} trials with an mIoU")
     return fig
-
-
-def figure_to_array(fig: Figure) -> np.ndarray:
-    """Render a figure with Agg and return its pixels as uint8 RGB ``(H, W, 3)``."""
-    canvas = fig.canvas if isinstance(fig.canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
-    canvas.draw()
-    return np.asarray(canvas.buffer_rgba())[..., :3].copy()  # (H, W, 4) -> (H, W, 3)
-
-
-def save_png(array: np.ndarray, path: str | os.PathLike[str]) -> Path:
-    """Write a uint8 ``(H, W)``, ``(H, W, 3)`` or ``(H, W, 4)`` array as PNG, atomically.
-
-    The bytes go to a temporary file in the destination folder, which is then renamed
-    over ``path`` (``os.replace``), so a reader never sees half a file. Parent folders are
-    created. Returns the path.
-    """
-    arr = _as_numpy(array)
-    if arr.dtype != np.uint8 or not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (3, 4))):
-        raise ValueError(f"save_png: expected uint8 (H, W), (H, W, 3) or (H, W, 4), got {arr.dtype} {arr.shape}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(np.ascontiguousarray(arr)).save(f, format="PNG")
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; an artifact should be readable like any file
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path

@@ -92,11 +92,6 @@ class Manifest:
         return self.table.num_rows
 
     @property
-    def shard_names(self) -> list[str]:
-        """Shard file names relative to :attr:`root`, in order."""
-        return [s.name for s in self.shard_infos]
-
-    @property
     def shards(self) -> list[str]:
         """Absolute shard paths in order, as WebDataset takes them."""
         return [str(self.root / s.name) for s in self.shard_infos]
@@ -105,14 +100,6 @@ class Manifest:
     def shard_counts(self) -> list[int]:
         """Samples per shard, in the order of :attr:`shards`."""
         return [s.samples for s in self.shard_infos]
-
-    def class_pixel_totals(self) -> list[int]:
-        """Pixels of each train id summed over the split (e.g. for class weights)."""
-        totals = [0] * self.num_classes
-        for counts in self.table.column("class_pixels").to_pylist():
-            for i, c in enumerate(counts):
-                totals[i] += c
-        return totals
 
 
 def manifest_path(shard_dir: Path, split: str) -> Path:

@@ -40,7 +40,6 @@ from cityscapesscripts.helpers.labels import id2label
 from sharding.classes import voc_colormap
 from sharding.marker import MARKER
 
-LAYOUTS = ("cityscapes", "voc")
 CITYSCAPES_CITIES = {
     "train": ("aachen", "bochum", "bremen", "cologne", "darmstadt", "dusseldorf"),
     "val": ("frankfurt", "lindau", "munster"),
@@ -591,16 +590,3 @@ def make_voc(out: Path | str, *, seed: int = 0, train_aug: int = 64, val: int = 
         path.write_text("".join(f"{i}\n" for i in ids))
     counts = {"train_aug": len(lists.train_aug), "val": len(lists.voc_val), "train": len(lists.voc_train)}
     return _write_marker(out, "voc", seed, counts, {"min_size": min_size, "max_size": max_size})
-
-
-def make_synthetic(layout: str, out: Path | str, *, seed: int = 0, **sizes: Any) -> dict[str, Any]:
-    """Write a synthetic dataset in the ``"cityscapes"`` or ``"voc"`` layout.
-
-    ``sizes`` go to :func:`make_cityscapes` (train, val, test, height, width, cities) or
-    :func:`make_voc` (train_aug, val, min_size, max_size). Returns the marker.
-    """
-    if layout == "cityscapes":
-        return make_cityscapes(out, seed=seed, **sizes)
-    if layout == "voc":
-        return make_voc(out, seed=seed, **sizes)
-    raise ValueError(f"unknown layout {layout!r}: expected one of {', '.join(LAYOUTS)}")

@@ -56,7 +56,7 @@ def test_manifest_counts_and_checksums_match_the_tars(dataset: str, request: pyt
     manifest = read_manifest(shards, split)
     num_classes = 19 if dataset == "cityscapes" else 21
     assert manifest.num_classes == num_classes and manifest.dataset == dataset
-    assert manifest.shard_names == sorted(p.name for p in shards.glob(f"{split}-*.tar"))
+    assert [s.name for s in manifest.shard_infos] == sorted(p.name for p in shards.glob(f"{split}-*.tar"))
     rows = manifest.table.to_pylist()
     assert len(rows) == manifest.num_samples == sum(manifest.shard_counts)
     start = 0
