@@ -211,6 +211,8 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
 
 def _add_make_synthetic(sub: argparse._SubParsersAction) -> None:
+    from sharding.classes import DATASETS
+
     p = sub.add_parser(
         "make-synthetic",
         help="write a small, learnable scene dataset in the real Cityscapes or VOC + SBD layout",
@@ -228,7 +230,7 @@ def _add_make_synthetic(sub: argparse._SubParsersAction) -> None:
             "dfdam_synthetic.json, declaring the image count of every split for the sharder's count check."
         ),
     )
-    p.add_argument("--layout", required=True, choices=["cityscapes", "voc"], help="which dataset layout to write")
+    p.add_argument("--layout", required=True, choices=DATASETS, help="which dataset layout to write")
     p.add_argument("--out", required=True, metavar="DIR",
                    help="dataset root to create (must be empty, new, or an earlier synthetic dataset)")
     p.add_argument("--seed", type=int, default=0, help="every image and list follows from it (default: 0)")
@@ -269,6 +271,8 @@ def _cmd_make_synthetic(args: argparse.Namespace) -> int:
 
 
 def _add_shard(sub: argparse._SubParsersAction) -> None:
+    from sharding.classes import DATASETS
+
     p = sub.add_parser(
         "shard",
         help="pack Cityscapes or VOC 2012 + SBD into WebDataset shards with a Parquet manifest; or verify them",
@@ -288,7 +292,7 @@ def _add_shard(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("action", nargs="?", default="pack", choices=["pack", "verify"],
                    help="pack a dataset into shards (default), or verify shards against their manifests")
-    p.add_argument("--dataset", choices=["cityscapes", "voc"], help="dataset layout under --root (pack)")
+    p.add_argument("--dataset", choices=DATASETS, help="dataset layout under --root (pack)")
     p.add_argument("--root", metavar="DIR",
                    help="pack: dataset root holding leftImg8bit/ + gtFine/ (cityscapes) or VOCdevkit/ + "
                         "benchmark_RELEASE/ (voc)")

@@ -33,8 +33,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from sharding.classes import DATASETS  # noqa: E402
 from sharding.samples import encode_label_png, image_size  # noqa: E402
 from sharding.synthetic import make_cityscapes, make_voc  # noqa: E402
+from sharding.text import format_table, parse_size  # noqa: E402
 from sharding.write import discover, shard_split  # noqa: E402
 
 
@@ -88,7 +90,7 @@ def stage_times(samples: list, limit: int = 16) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layout", choices=["cityscapes", "voc"], default="cityscapes")
+    parser.add_argument("--layout", choices=DATASETS, default="cityscapes")
     parser.add_argument("--root", type=Path, help="an existing dataset instead of a generated one")
     parser.add_argument("--split", help="split to shard (default: train for cityscapes, train_aug for voc)")
     parser.add_argument("--images", type=int, default=24, help="images to generate")
@@ -107,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             root = scratch / "data"
             t0 = time.perf_counter()
             if args.layout == "cityscapes":
-                height, width = (int(v) for v in args.size.split("x"))
+                height, width = parse_size(args.size)
                 make_cityscapes(root, train=args.images, val=2, test=2, height=height, width=width)
             else:
                 make_voc(root, train_aug=args.images, val=4, min_size=300, max_size=500)
@@ -136,13 +138,10 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.rmtree(out)
             rows.append((f"run.py shard (--workers {workers})", workers, *min(runs), out_bytes))
 
-        header = (f"{'method':32s} {'procs':>5s} {'seconds':>8s} {'images/s':>9s} {'MB/s':>8s} "
-                  f"{'CPU s':>7s} {'img/CPU-s':>9s} {'MB out':>7s}")
-        print(header)
-        print("-" * len(header))
-        for name, procs, secs, cpu, out_bytes in rows:
-            print(f"{name:32s} {procs:5d} {secs:8.2f} {n / secs:9.1f} {_mb(total) / secs:8.1f} "
-                  f"{cpu:7.2f} {n / cpu:9.1f} {_mb(out_bytes):7.1f}")
+        print(format_table(
+            ("method", "procs", "seconds", "images/s", "MB/s", "CPU s", "img/CPU-s", "MB out"),
+            [(name, procs, f"{secs:.2f}", f"{n / secs:.1f}", f"{_mb(total) / secs:.1f}", f"{cpu:.2f}",
+              f"{n / cpu:.1f}", f"{_mb(out_bytes):.1f}") for name, procs, secs, cpu, out_bytes in rows]))
         limit = rows[0][2]
         best = min(r[2] for r in rows[1:])
         print(f"\nsharding runs at {limit / best:.1%} of the plain-tar copy rate on these bytes")

@@ -12,6 +12,9 @@ from dataclasses import dataclass
 IGNORE_INDEX = 255
 """Train id of every pixel that is not scored: void classes, borders, unlabelled splits."""
 
+DATASETS: tuple[str, ...] = ("cityscapes", "voc")
+"""The datasets with a class table: the layouts ``run.py shard`` reads and ``make-synthetic`` writes."""
+
 VOC_CLASS_NAMES: tuple[str, ...] = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
     "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
@@ -94,4 +97,4 @@ def classes_for(dataset: str) -> ClassTable:
         return cityscapes_classes()
     if dataset == "voc":
         return voc_classes()
-    raise ValueError(f"unknown dataset {dataset!r}: expected 'cityscapes' or 'voc'")
+    raise ValueError(f"unknown dataset {dataset!r}: expected {' or '.join(map(repr, DATASETS))}")

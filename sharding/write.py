@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from sharding import cityscapes, voc
 from sharding.atomic import atomic_write_bytes, remove_temporaries
-from sharding.classes import classes_for
+from sharding.classes import DATASETS, classes_for
 from sharding.manifest import (ShardInfo, build_metadata, manifest_path, rejects_path, shard_name,
                                write_manifest)
 from sharding.marker import read_marker
@@ -35,7 +35,6 @@ from sharding.text import format_table
 
 log = logging.getLogger(__name__)
 
-DATASETS = ("cityscapes", "voc")
 DEFAULT_SHARD_SIZE = 100
 
 
