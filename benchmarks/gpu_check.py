@@ -561,10 +561,10 @@ def stage2(work: Path, sizes: Sizes, gpu: bool) -> None:
             time.sleep(0.5)
             left = _session_pids(proc.pid)
         _kill(left)  # ours (same session): end them so the resume starts clean
-        epoch_lines = sum(bool(re.search(r"epoch 1/2 step", l)) for l in lines)
+        printed = "printed" if any(re.match(r"epoch 1/2  loss", l) for l in lines) else "not yet printed"
         state["killed"] = True
         return OK, (f"--{device.lower()} 1 worker, epoch 1 checkpoint registered after {killed_at:.0f} s "
-                    f"({epoch_lines} step lines of epoch 1), then SIGKILL to the driver's process group; "
+                    f"(its console line {printed}), then SIGKILL to the driver's process group; "
                     f"{len(left)} process(es) outlived it" + (" (killed)" if left else ""))
 
     run_check(work, 2, f"run.py train --{device.lower()} (2 epochs), SIGKILL after epoch 1", first_run)
@@ -597,10 +597,10 @@ def stage2(work: Path, sizes: Sizes, gpu: bool) -> None:
         problems = []
         if not final or final.group(2) != "2":
             problems.append("no 'after epoch 2' result line")
-        if re.search(r"epoch 1/2 step", text):
+        if re.search(r"^epoch 1/2  loss", text, re.MULTILINE):
             problems.append("epoch 1 was trained again (no resume)")
-        if not re.search(r"epoch 2/2 step", text):
-            problems.append("no epoch-2 step lines")
+        if not re.search(r"^epoch 2/2  loss", text, re.MULTILINE):
+            problems.append("no epoch-2 line")
         saved_on = checkpoint_devices(run_dir)
         if gpu and not saved_on.startswith("cuda"):
             problems.append(f"the epoch-2 checkpoint's optimizer state was saved from {saved_on}, not the GPU")

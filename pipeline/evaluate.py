@@ -24,12 +24,13 @@ from pipeline.checkpoint import CHECKPOINT_FILE, latest_checkpoint, load_checkpo
 from pipeline.config import Config, DataConfig
 from pipeline.data import eval_loader
 from pipeline.metrics import ConfusionMeter, format_iou_table, iou_per_class, mean_iou, pixel_accuracy
+from sharding.classes import IGNORE_INDEX
 from sharding.manifest import Manifest, read_manifest
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable, num_classes: int, device: torch.device,
-             ignore_index: int = 255) -> torch.Tensor:
+             ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """Confusion matrix (K x K, rows = ground truth) of ``model``'s predictions over ``batches``.
 
     Pass the model unwrapped from DDP: evaluation runs no collective; the caller sums the

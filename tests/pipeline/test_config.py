@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.config import Config, ConfigError, build_config, preset
+from pipeline.config import Config, ConfigError, build_config, preset, with_values
 
 
 def test_presets_carry_the_papers_hyper_parameters() -> None:
@@ -49,3 +49,17 @@ def test_bad_overrides_are_refused_with_a_clear_message(override: str, message: 
 def test_unknown_preset() -> None:
     with pytest.raises(ConfigError, match="expected one of"):
         preset("ade20k")
+
+
+def test_typed_values_are_set_without_text_in_between() -> None:
+    cfg = build_config("synthetic")
+    value = 0.1 + 0.2  # a float whose repr round trip would be exact anyway; no text is involved at all
+    tuned = with_values(cfg, {"loss.lambda_c": value, "optim.lr": 1, "train.epochs": 3})
+    assert tuned.loss.lambda_c is value and tuned.optim.lr == 1.0 and isinstance(tuned.optim.lr, float)
+    assert tuned.train.epochs == 3
+    with pytest.raises(ConfigError, match="train.epochs: expected int"):
+        with_values(cfg, {"train.epochs": 2.5})
+    with pytest.raises(ConfigError, match="did you mean loss.lambda_c"):
+        with_values(cfg, {"loss.lamda_c": 0.3})
+    with pytest.raises(ConfigError, match="must be >= 0"):
+        with_values(cfg, {"loss.lambda_s": -0.1})

@@ -9,8 +9,9 @@ from mlflow.tracking import MlflowClient
 
 import models
 from pipeline import tracking
+from pipeline.champion import register_best, validation_fingerprint
 from pipeline.config import build_config
-from pipeline.tune import TrialRow, _register_best, validation_fingerprint
+from pipeline.trials import TrialRow
 from sharding.manifest import read_manifest
 
 
@@ -34,14 +35,14 @@ def test_champion_moves_only_to_a_better_model(tiny_shards: Path, tmp_path: Path
     runs = [_logged_run(uri, f"r{i}", torch.nn.Conv2d(3, 19, 1)) for i in range(3)]
 
     third = 1 / 3  # not exactly representable in a short decimal tag: a rounded tag would lose the tie
-    first = _register_best([_row(runs[0], third)], uri, "dfdam-test", cfg, val)
+    first = register_best([_row(runs[0], third)], uri, "dfdam-test", cfg, val)
     assert first["champion"] is True and first["previous_champion"] is None
     # A tie does not take the alias; a finished trial with the best mIoU is the one registered.
-    tie = _register_best([_row(runs[1], third), _row(runs[2], 0.1)], uri, "dfdam-test", cfg, val)
+    tie = register_best([_row(runs[1], third), _row(runs[2], 0.1)], uri, "dfdam-test", cfg, val)
     assert tie["champion"] is False and tie["previous_champion"]["val_miou"] == third
     client = MlflowClient(uri)
     assert client.get_model_version_by_alias("dfdam-test", "champion").version == int(first["version"])
-    better = _register_best([_row(runs[2], 0.75)], uri, "dfdam-test", cfg, val)
+    better = register_best([_row(runs[2], 0.75)], uri, "dfdam-test", cfg, val)
     assert better["champion"] is True
     champion = client.get_model_version_by_alias("dfdam-test", "champion")
     assert champion.version == int(better["version"])
@@ -49,7 +50,7 @@ def test_champion_moves_only_to_a_better_model(tiny_shards: Path, tmp_path: Path
 
     # A champion scored on other data is measured again on this split before comparing.
     client.set_model_version_tag("dfdam-test", champion.version, "val_data", "other-data")
-    measured = _register_best([_row(runs[0], 0.99)], uri, "dfdam-test", cfg, val)
+    measured = register_best([_row(runs[0], 0.99)], uri, "dfdam-test", cfg, val)
     assert measured["previous_champion"]["val_miou"] != pytest.approx(0.75)  # re-evaluated, not the tag
     assert 0.0 <= measured["previous_champion"]["val_miou"] < 0.99 and measured["champion"] is True
 
@@ -57,4 +58,4 @@ def test_champion_moves_only_to_a_better_model(tiny_shards: Path, tmp_path: Path
 def test_nothing_finished_registers_nothing(tiny_shards: Path, tmp_path: Path) -> None:
     cfg = build_config("synthetic", [f"data.shards={tiny_shards}"])
     row = TrialRow("t", {}, 1, 0.3, 0.3, "stopped early", None)
-    assert _register_best([row], f"sqlite:///{tmp_path / 'm.db'}", "x", cfg, read_manifest(tiny_shards, "val")) is None
+    assert register_best([row], f"sqlite:///{tmp_path / 'm.db'}", "x", cfg, read_manifest(tiny_shards, "val")) is None
