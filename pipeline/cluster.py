@@ -186,7 +186,8 @@ def log_folder() -> str:
 
 
 @contextlib.contextmanager
-def _environment(values: dict[str, str]):
+def environment(values: dict[str, str]):
+    """Environment variables set for the block, and put back as they were after it."""
     saved = {k: os.environ.get(k) for k in values}
     os.environ.update(values)
     try:
@@ -225,7 +226,7 @@ def start_local_cluster(**init_kwargs) -> None:
     loopback_only = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_GCS_SERVER_PORT": str(port),
                      "RAY_ADDRESS": f"127.0.0.1:{port}"}
     multi_node = getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
-    with _environment(loopback_only):
+    with environment(loopback_only):
         if multi_node is not None:
             ray_constants.ENABLE_RAY_CLUSTER = False
         try:

@@ -46,6 +46,24 @@ def trial_line(trial_id: str, params: Mapping[str, Any], epoch: int, epochs: int
     return f"trial {trial_id}  epoch {epoch}/{epochs}  {values}  val mIoU {miou:.4f} (best {best:.4f})"
 
 
+class ProgressBoard:
+    """Holds the events rank 0 posts until the driver takes them.
+
+    Run as a Ray actor on the driver's node (``pipeline/train.py: progress_board``); it lives
+    here, in a module that imports no more than tqdm, so that its process stays small.
+    """
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+
+    def post(self, event: dict[str, Any]) -> None:
+        self.events.append(event)
+
+    def take(self) -> list[dict[str, Any]]:
+        events, self.events = self.events, []
+        return events
+
+
 class TrainingConsole:
     """Prints the events a training run's rank 0 posts (see ``pipeline/worker.py``).
 

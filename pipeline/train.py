@@ -28,8 +28,9 @@ from pipeline import tracking
 from pipeline.checkpoint import RECORD_FILE, latest_checkpoint
 from pipeline.cluster import check_resources, connect_ray
 from pipeline.config import Config, ConfigError
-from pipeline.console import TrainingConsole
+from pipeline.console import ProgressBoard, TrainingConsole
 from pipeline.worker import epoch_logger, train_worker
+from sharding.classes import DATASETS
 from sharding.manifest import Manifest, ManifestError, read_manifest
 
 
@@ -66,7 +67,7 @@ def check_inputs(cfg: Config) -> tuple[Manifest, Manifest]:
     if weights not in (None, "imagenet") and not Path(weights).is_file():
         raise FileNotFoundError(f"model.weights {weights!r}: no such file; expected 'imagenet' or the path of a "
                                 "torchvision ResNet state_dict (.pth) readable from every node")
-    if cfg.dataset in ("cityscapes", "voc") and train_manifest.dataset != cfg.dataset:
+    if cfg.dataset in DATASETS and train_manifest.dataset != cfg.dataset:
         raise ConfigError(f"preset {cfg.preset!r} is made for {cfg.dataset} but {shards} holds "
                           f"{train_manifest.dataset} shards: use --preset {train_manifest.dataset} (or synthetic)")
     return train_manifest, val_manifest
@@ -106,22 +107,8 @@ def make_trainer(cfg: Config, *, name: str, tracking_uri: str, run_id: str, call
     )
 
 
-class ProgressBoard:
-    """An actor on the driver's node holding the events rank 0 posts until the driver takes them."""
-
-    def __init__(self) -> None:
-        self.events: list[dict[str, Any]] = []
-
-    def post(self, event: dict[str, Any]) -> None:
-        self.events.append(event)
-
-    def take(self) -> list[dict[str, Any]]:
-        events, self.events = self.events, []
-        return events
-
-
 def progress_board():
-    """A :class:`ProgressBoard` actor on this driver's node, holding no CPU."""
+    """A :class:`~pipeline.console.ProgressBoard` actor on this driver's node, holding no CPU."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -130,7 +117,7 @@ def progress_board():
 
 
 @contextlib.contextmanager
-def printing(board: Any, console: TrainingConsole, every_s: float = 0.5) -> Iterator[None]:
+def printing(board: Any, console: TrainingConsole, every_s: float = 1.0) -> Iterator[None]:
     """Hand the board's events to ``console`` from a thread while the block (``trainer.fit()``) runs."""
     import ray
 

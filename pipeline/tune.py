@@ -27,7 +27,7 @@ from typing import Any
 
 from pipeline import tracking
 from pipeline.champion import register_best
-from pipeline.cluster import check_resources, connect_ray
+from pipeline.cluster import check_resources, connect_ray, environment
 from pipeline.config import Config, ConfigError, apply_overrides, with_values
 from pipeline.console import trial_line
 from pipeline.search_space import Dimension, paper_point
@@ -104,7 +104,9 @@ def search(cfg: Config, settings: SearchSettings, space: dict[str, Dimension], *
     )
     with tracking.run_status(uri, parent_run_id, killed=(KeyboardInterrupt, SearchInterrupted)):
         tuner = _tuner(storage, cfg, settings, space, resume, _trainable(cfg, space, uri, experiment, parent_run_id))
-        with _graceful_interrupt() as interrupted:
+        # Tune's new output engine prints a banner and hints even at verbose=0; its classic
+        # reporter prints nothing at 0: trial_printer's lines are the console.
+        with _graceful_interrupt() as interrupted, environment({"RAY_AIR_NEW_OUTPUT": "0"}):
             results = tuner.fit()
         if interrupted.is_set():
             close_running_children(uri, experiment, parent_run_id)
@@ -211,16 +213,11 @@ def _graceful_interrupt() -> Iterator[threading.Event]:
         os.kill(os.getpid(), signal.SIGUSR1)
 
     previous_handler = signal.signal(signal.SIGINT, on_sigint)
-    previous_env = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
-    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     try:
-        yield interrupted
+        with environment({"TUNE_DISABLE_SIGINT_HANDLER": "1"}):
+            yield interrupted
     finally:
         signal.signal(signal.SIGINT, previous_handler)
-        if previous_env is None:
-            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
-        else:
-            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = previous_env
 
 
 def _trainable(cfg: Config, space: dict[str, Dimension], uri: str, experiment: str, parent_run_id: str):
@@ -237,8 +234,11 @@ def _trainable(cfg: Config, space: dict[str, Dimension], uri: str, experiment: s
 def _search_alg(settings: SearchSettings, cfg: Config, space: dict[str, Dimension]):
     if settings.search == "random":
         return None
+    import logging
+
     from ray.tune.search.optuna import OptunaSearch
 
+    logging.getLogger("optuna").setLevel(logging.WARNING)  # its INFO lines ("A new study created") stay out
     start = paper_point(cfg, space)
     return OptunaSearch(points_to_evaluate=[start] if start else None, seed=settings.seed)
 
