@@ -190,7 +190,9 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
 def _cmd_tune(args: argparse.Namespace) -> int:
     import time
 
-    from pipeline.tune import SearchInterrupted, SearchSettings, parse_space, print_result, search
+    from pipeline.search_space import parse_space
+    from pipeline.trials import print_result
+    from pipeline.tune import SearchInterrupted, SearchSettings, search
 
     if args.resume and not args.name:
         raise SystemExit("run.py tune: --resume needs --name NAME of the search to continue")
