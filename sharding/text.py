@@ -49,3 +49,9 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[object]], align:
     if footer:
         lines += [rule, *body[len(rows):]]
     return "\n".join(lines)
+
+
+def bar_disabled(show_progress: bool) -> bool | None:
+    """tqdm's ``disable`` for a progress bar: off unless asked for, and when asked for, drawn on a
+    terminal only (``None``), so a log file gets the results, not hundreds of redraws."""
+    return None if show_progress else True

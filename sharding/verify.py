@@ -22,6 +22,7 @@ from tqdm import tqdm
 from sharding.manifest import Manifest, ManifestError, list_splits, read_manifest
 from sharding.samples import class_pixel_counts
 from sharding.pack import file_sha256
+from sharding.text import bar_disabled
 
 
 @dataclass
@@ -111,7 +112,7 @@ def verify_split(shard_dir: Path | str, split: str, *, show_progress: bool = Tru
         check.problems.append(str(exc))
         return check
     rows = manifest.table.to_pylist()
-    bar = tqdm(total=len(rows), unit="img", desc=f"verify {split}", disable=not show_progress)
+    bar = tqdm(total=len(rows), unit="img", desc=f"verify {split}", disable=bar_disabled(show_progress))
     start = 0
     for info in manifest.shard_infos:
         shard_rows = rows[start:start + info.samples]

@@ -31,7 +31,7 @@ from sharding.manifest import (ShardInfo, build_metadata, manifest_path, rejects
 from sharding.marker import read_marker
 from sharding.pack import INDEX_SUFFIX, Progress, ShardResult, ShardTask, pack_shard, pool_init, pool_pack
 from sharding.samples import DatasetError, Discovery, Reject, SampleError, SourceSample
-from sharding.text import format_table
+from sharding.text import bar_disabled, format_table
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +231,7 @@ def shard_split(dataset: str, root: Path | str, split: str, out_dir: Path | str,
     remove_stale_shards(out_dir, split, len(tasks))
     start = time.perf_counter()
     bar = tqdm(total=len(discovery.samples), unit="img", desc=f"{dataset}/{split}",
-               disable=not show_progress, dynamic_ncols=True)
+               disable=bar_disabled(show_progress), dynamic_ncols=True)
 
     def advance(n: int) -> None:
         bar.update(n)
