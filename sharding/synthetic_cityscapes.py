@@ -22,6 +22,7 @@ from cityscapesscripts.helpers.labels import id2label
 
 from sharding.synthetic_drawing import (Box, Canvas, _jitter, _photograph, _png_bytes, _prepare_out, _textured,
                                         _write_marker, smooth_noise)
+from sharding.text import bar_disabled
 
 CITYSCAPES_CITIES = {
     "train": ("aachen", "bochum", "bremen", "cologne", "darmstadt", "dusseldorf"),
@@ -264,7 +265,7 @@ def make_cityscapes(out: Path | str, *, seed: int = 0, train: int = 48, val: int
         if not 1 <= n <= len(CITYSCAPES_CITIES[split]):
             raise ValueError(f"{split} can have 1 to {len(CITYSCAPES_CITIES[split])} cities, got {n}")
     _prepare_out(out, ("leftImg8bit", "gtFine"))
-    bar = tqdm(total=sum(counts.values()), unit="img", desc="synthetic cityscapes", disable=not show_progress)
+    bar = tqdm(total=sum(counts.values()), unit="img", desc="synthetic cityscapes", disable=bar_disabled(show_progress))
     for split, count in counts.items():
         names = CITYSCAPES_CITIES[split][: per_split[split]]
         for index in range(count):

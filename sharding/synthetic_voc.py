@@ -25,6 +25,7 @@ from tqdm import tqdm
 from sharding.classes import voc_colormap
 from sharding.synthetic_drawing import (Canvas, _jitter, _jpeg_bytes, _photograph, _png_bytes, _prepare_out,
                                         _textured, _write_marker)
+from sharding.text import bar_disabled
 
 
 def voc_object_colour(cls: int) -> tuple[int, int, int]:
@@ -171,7 +172,7 @@ def make_voc(out: Path | str, *, seed: int = 0, train_aug: int = 64, val: int = 
     in_voc = set(lists.voc_train) | set(lists.voc_val)
     in_sbd = set(lists.sbd_train) | set(lists.sbd_val)
     every = sorted(in_voc | in_sbd)
-    for index, image_id in enumerate(tqdm(every, unit="img", desc="synthetic voc", disable=not show_progress)):
+    for index, image_id in enumerate(tqdm(every, unit="img", desc="synthetic voc", disable=bar_disabled(show_progress))):
         rng = np.random.default_rng([seed, 1, index])
         height, width = (int(v) for v in rng.integers(min_size, max_size + 1, size=2))
         rgb, indices = render_voc(rng, height, width)
