@@ -1,5 +1,6 @@
 # Two commands: `make demo` (the whole pipeline on the built-in synthetic dataset) and
-# `make test`. Both create and fill .venv/ on first use.
+# `make test` (every test; `make test-fast`: the unit tier alone, no Ray). All create and
+# fill .venv/ on first use.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -7,7 +8,7 @@ STAMP := $(VENV)/.installed
 # pyproject.toml declares version ranges; constraints.txt holds the exact, tested versions installed here.
 CONSTRAINTS := constraints.txt
 
-.PHONY: demo test profile clean-demo
+.PHONY: demo test test-fast profile clean-demo
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,6 +17,10 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The tests not marked slow (no Ray, no subprocess pipeline run, no GPU check): under a minute.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
 
 # The whole mission on the built-in synthetic dataset, in ./demo: generate it (once), shard
 # it, train with 2 Ray workers (MLflow run + checkpoints), evaluate, then a small Ray Tune

@@ -1,17 +1,35 @@
-"""Fixtures shared by more than one test folder: tiny generated shards and a tiny training config.
+"""Fixtures shared by more than one test folder (tiny generated shards, a tiny training config),
+and the test tiers.
 
 ``tests/pipeline`` (Ray in the pytest process) and ``tests/cluster`` (Ray in subprocesses)
 both train on these.
+
+Tiers (markers registered in pyproject.toml): ``slow`` is every test that starts Ray, a
+pipeline run in a subprocess, an MLflow server, ``make`` or the GPU check's CPU smoke;
+``cluster`` is every test of ``tests/cluster``. ``pytest -m "not slow"`` (``make test-fast``)
+runs the rest in under a minute; ``make test`` runs everything. The hook below marks a test
+``slow`` when it uses a fixture that starts Ray (:data:`SLOW_FIXTURES`), so new tests get the
+right tier by using them; a test that starts such things itself carries ``@pytest.mark.slow``
+(or its module ``pytestmark``).
 """
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
-import pytest
+# One compute thread per process (torch, numpy, and the processes the tests start, unless the
+# caller set it): the tests run on a shared 2-core machine, where every process's 2-thread
+# OpenMP pool spins against the others' (measured there, one DeepLabV3 training step: 15 s
+# with 2 threads under load, 1 s with 1; no difference on an idle machine). Ray gives its
+# workers one thread per CPU anyway. Set before anything imports numpy or torch.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from pipeline.config import Config, build_config
-from sharding.synthetic import make_cityscapes
-from sharding.write import shard_dataset
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from pipeline.config import Config, build_config  # noqa: E402
+from sharding.synthetic import make_cityscapes  # noqa: E402
+from sharding.write import shard_dataset  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -37,3 +55,19 @@ def tiny_config():
     """Factory: the synthetic preset shrunk for tests (64x64 crops, batch 4, 1 epoch, 2 workers,
     MLflow and Ray storage in the given folder): ``tiny_config(shards, tmp_path, *overrides)``."""
     return _tiny_config
+
+
+# Fixtures whose tests are slow: they start a Ray cluster (tests/pipeline/conftest.py,
+# tests/cluster/conftest.py). Add here any new fixture that starts Ray, a server or a pipeline run.
+SLOW_FIXTURES = frozenset({"ray_cluster", "two_node_cluster"})
+CLUSTER_DIR = Path(__file__).resolve().parent / "cluster"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``slow`` on every test that uses a fixture of :data:`SLOW_FIXTURES`; ``cluster`` on every
+    test under tests/cluster."""
+    for item in items:
+        if SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+        if CLUSTER_DIR in Path(item.path).parents:
+            item.add_marker(pytest.mark.cluster)

@@ -13,6 +13,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # two local Ray clusters, two pipeline runs in subprocesses
+
 ROOT = Path(__file__).resolve().parents[1]
 
 EXPECTED = [

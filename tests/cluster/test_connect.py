@@ -40,6 +40,7 @@ def test_the_token_comes_from_ray_auth_token_then_its_path_then_home(tmp_path: P
     assert auth_token() == ("env-token", "$RAY_AUTH_TOKEN")
 
 
+@pytest.mark.slow  # starts a local Ray cluster in a subprocess
 def test_no_address_starts_a_fresh_local_cluster_despite_a_stale_cluster_file(tmp_path: Path) -> None:
     """Every stopped `ray start` leaves its address in <Ray temp>/ray_current_cluster; plain
     ray.init() followed it to the dead GCS and hung for minutes."""
