@@ -4,6 +4,11 @@ a node lost, the driver killed, a Tune trial's worker killed.
 What must hold after each: the run continues from its latest complete checkpoint (or fails with
 one clear line when it may not), its MLflow run is one run holding exactly one ``val_miou`` per
 epoch, and its status says how it ended. Every recovery is timed and printed (``pytest -s``).
+
+Starting a run (the driver, then Ray Train's worker group) costs far more here than an epoch of
+the tiny shards, so the faults a run survives are injected into one run, an epoch apart: a
+worker killed during epoch 2, the worker node lost during epoch 3, the driver killed during
+epoch 4 and the run resumed. A run that must fail (no restart left) is a run of its own.
 """
 from __future__ import annotations
 
@@ -24,9 +29,9 @@ RUN_TIMEOUT_S = 600
 EPOCHS = 3
 
 
-def _train(cluster: Any, shards: Path, tmp_path: Path, name: str, *extra: str) -> list[str]:
+def _train(cluster: Any, shards: Path, tmp_path: Path, name: str, *extra: str, epochs: int = EPOCHS) -> list[str]:
     return [cluster.python, "run.py", "train", "--preset", "synthetic", "--data", str(shards),
-            "--address", cluster.address, "--workers", "2", "--epochs", str(EPOCHS),
+            "--address", cluster.address, "--workers", "2", "--epochs", str(epochs),
             "--storage", str(tmp_path / "runs"), "--name", name,
             "--set", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "--set", "data.crop_size=64x64",
             "--set", "data.batch_size=4", "--set", "data.eval_batch_size=2", "--set", "train.timeout_s=60",
@@ -61,6 +66,21 @@ def _wait(proc: subprocess.Popen, log: Path, cluster: Any, until, what: str, tim
             pytest.fail(f"no {what} after {timeout_s:.0f} s:\n{cluster.tail(log, 60)}")
         time.sleep(0.2)
     return time.monotonic() - started
+
+
+def _run_until_first_epoch(cluster: Any, shards: Path, tmp_path: Path, name: str, *extra: str,
+                           epochs: int = EPOCHS) -> tuple[subprocess.Popen, list[str], Path, Path]:
+    """Start ``run.py train`` on the cluster (log and MLflow store in ``tmp_path``) and wait until
+    its first epoch is logged; returns the process, its argv, the log and the MLflow database."""
+    log, db = tmp_path / "train.log", tmp_path / "mlflow.db"
+    argv = _train(cluster, shards, tmp_path, name, *extra, epochs=epochs)
+    proc = _start(cluster, argv, log)
+    _wait(proc, log, cluster, lambda: len(_epochs_logged(db)) >= 1, "first epoch")
+    return proc, argv, log, db
+
+
+def _until_epoch(proc: subprocess.Popen, log: Path, db: Path, cluster: Any, epoch: int) -> float:
+    return _wait(proc, log, cluster, lambda: len(_epochs_logged(db)) >= epoch, f"epoch {epoch}")
 
 
 def _finish(proc: subprocess.Popen, log: Path, cluster: Any) -> int:
@@ -99,36 +119,59 @@ def _checkpoints_complete(run_dir: Path) -> list[Path]:
     return folders
 
 
-def test_two_workers_on_two_nodes_and_a_killed_one_is_replaced(two_node_cluster: Any, tiny_shards: Path,
-                                                                     tmp_path: Path) -> None:
-    cluster, log, db = two_node_cluster, tmp_path / "train.log", tmp_path / "mlflow.db"
-    proc = _start(cluster, _train(cluster, tiny_shards, tmp_path, "killed-worker", "--max-failures", "2"), log)
-    _wait(proc, log, cluster, lambda: len(_epochs_logged(db)) >= 1, "first epoch")
+def test_one_run_survives_a_killed_worker_a_lost_node_and_a_killed_driver(two_node_cluster: Any, tiny_shards: Path,
+                                                                            tmp_path: Path) -> None:
+    """Three faults an epoch apart in one 4-epoch run (3 restarts allowed: 2 used, 1 to spare)."""
+    cluster, epochs = two_node_cluster, 4
+    proc, argv, log, db = _run_until_first_epoch(cluster, tiny_shards, tmp_path, "faults", "--max-failures", "3",
+                                                 epochs=epochs)
+
+    # 1. A training worker killed (epoch 2): Ray Train replaces the worker group.
     workers = cluster.list_train_workers()
     # `run.py train --address ... --workers 2`: one worker on each node (1 CPU each), by the state API.
     assert len(workers) == 2 and {w["node_id"] for w in workers} == {cluster.node_id(cluster.head),
                                                                      cluster.node_id(cluster.worker)}, workers
     victim = int(workers[0]["pid"])
     os.kill(victim, signal.SIGKILL)  # mid-run: epoch 2's training, evaluation or checkpoint
-    killed_at = time.monotonic()
 
     def replaced() -> bool:
         pids = {int(w["pid"]) for w in cluster.list_train_workers()}
         return len(pids) == 2 and victim not in pids
 
     back = _wait(proc, log, cluster, replaced, "replacement worker group")
-    assert _finish(proc, log, cluster) == 0, cluster.tail(log, 60)
-    print(f"\nworker SIGKILL: a new worker group after {back:.1f} s, run finished "
-          f"{time.monotonic() - killed_at:.1f} s after the kill")
-    _one_run(tmp_path, "killed-worker", "FINISHED")
-    assert len(_checkpoints_complete(tmp_path / "runs" / "killed-worker")) >= 1
+    print(f"\nworker SIGKILL: a new worker group after {back:.1f} s")
+
+    # 2. The worker node lost (epoch 3): the run waits for resources, then restores.
+    _until_epoch(proc, log, db, cluster, 2)
+    lost_at = time.monotonic()
+    cluster.kill_node(cluster.worker)
+    _replace_lost_node(cluster)  # a replacement node joins, as an autoscaler would bring one
+    joined = time.monotonic() - lost_at
+    _until_epoch(proc, log, db, cluster, 3)
+    print(f"node lost: Ray marked it dead and a new node joined after {joined:.1f} s; epoch 3 logged "
+          f"{time.monotonic() - lost_at:.1f} s after the loss")
+
+    # 3. The driver killed (epoch 4): `--resume` continues into the same MLflow run.
+    os.kill(proc.pid, signal.SIGKILL)  # the driver alone: Ray ends the job's workers itself
+    proc.wait()
+    killed_at = time.monotonic()
+    done_before = _epochs_logged(db)
+    assert len(done_before) < epochs
+    resumed = _start(cluster, [*argv, "--resume"], log)
+    assert _finish(resumed, log, cluster) == 0, cluster.tail(log, 60)
+    print(f"driver SIGKILL after epoch(s) {done_before}: `--resume` finished the run "
+          f"{time.monotonic() - killed_at:.1f} s later")
+    assert "resuming from the checkpoint of epoch" in log.read_text(errors="replace")
+
+    # One MLflow run, FINISHED, one val_miou per epoch whatever was run twice; every checkpoint complete.
+    _one_run(tmp_path, "faults", "FINISHED", epochs=epochs)
+    assert len(_checkpoints_complete(tmp_path / "runs" / "faults")) >= 1
 
 
 def test_a_lost_node_ends_the_run_clearly_when_no_restart_is_allowed(two_node_cluster: Any, tiny_shards: Path,
                                                                      tmp_path: Path) -> None:
-    cluster, log, db = two_node_cluster, tmp_path / "train.log", tmp_path / "mlflow.db"
-    proc = _start(cluster, _train(cluster, tiny_shards, tmp_path, "lost-node", "--max-failures", "0"), log)
-    _wait(proc, log, cluster, lambda: len(_epochs_logged(db)) >= 1, "first epoch")
+    cluster = two_node_cluster
+    proc, _, log, db = _run_until_first_epoch(cluster, tiny_shards, tmp_path, "lost-node", "--max-failures", "0")
     lost_at = time.monotonic()
     cluster.kill_node(cluster.worker)
     try:
@@ -150,41 +193,6 @@ def test_a_lost_node_ends_the_run_clearly_when_no_restart_is_allowed(two_node_cl
         assert latest_checkpoint(tmp_path / "runs" / "lost-node") == folders[-1]
     finally:
         _replace_lost_node(cluster)  # the next tests need two nodes again
-
-
-def test_a_lost_node_is_survived_when_resources_return(two_node_cluster: Any, tiny_shards: Path,
-                                                       tmp_path: Path) -> None:
-    cluster, log, db = two_node_cluster, tmp_path / "train.log", tmp_path / "mlflow.db"
-    proc = _start(cluster, _train(cluster, tiny_shards, tmp_path, "node-back", "--max-failures", "2"), log)
-    _wait(proc, log, cluster, lambda: len(_epochs_logged(db)) >= 1, "first epoch")
-    lost_at = time.monotonic()
-    cluster.kill_node(cluster.worker)
-    _replace_lost_node(cluster)  # a replacement node joins, as an autoscaler would bring one
-    joined = time.monotonic() - lost_at
-    assert _finish(proc, log, cluster) == 0, cluster.tail(log, 60)
-    print(f"\nnode lost, max_failures 2: Ray marked it dead and a new node joined after {joined:.1f} s, the run finished "
-          f"{time.monotonic() - lost_at:.1f} s after the loss")
-    _one_run(tmp_path, "node-back", "FINISHED")
-    _checkpoints_complete(tmp_path / "runs" / "node-back")
-
-
-def test_a_killed_driver_resumes_into_the_same_mlflow_run(two_node_cluster: Any, tiny_shards: Path,
-                                                          tmp_path: Path) -> None:
-    cluster, log, db = two_node_cluster, tmp_path / "train.log", tmp_path / "mlflow.db"
-    argv = _train(cluster, tiny_shards, tmp_path, "killed-driver")
-    proc = _start(cluster, argv, log)
-    _wait(proc, log, cluster, lambda: len(_epochs_logged(db)) >= 1, "first epoch")
-    os.kill(proc.pid, signal.SIGKILL)  # the driver alone: Ray ends the job's workers itself
-    proc.wait()
-    killed_at = time.monotonic()
-    done_before = _epochs_logged(db)
-    assert len(done_before) < EPOCHS
-    resumed = _start(cluster, [*argv, "--resume"], log)
-    assert _finish(resumed, log, cluster) == 0, cluster.tail(log, 60)
-    print(f"\ndriver SIGKILL after epoch(s) {done_before}: `--resume` finished the run "
-          f"{time.monotonic() - killed_at:.1f} s later")
-    assert "resuming from the checkpoint of epoch" in log.read_text(errors="replace")
-    _one_run(tmp_path, "killed-driver", "FINISHED")
 
 
 def test_a_tune_trials_killed_worker_restores_and_the_search_registers_a_champion(
