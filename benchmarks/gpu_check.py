@@ -261,7 +261,9 @@ def stage1(work: Path, sizes: Sizes, device_name: str) -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("gpu_check: no CUDA device is visible to torch (use --cpu-smoke on a machine without one)")
     if device.type == "cpu":
-        torch.set_num_threads(min(2, os.cpu_count() or 1))
+        # At most 2 threads, or OMP_NUM_THREADS (the test suite sets 1: on a loaded 2-core machine
+        # a 2-thread pool spins against the other processes, 15x slower per step).
+        torch.set_num_threads(min(2, os.cpu_count() or 1, int(os.environ.get("OMP_NUM_THREADS") or 2)))
     amp = "fp16 autocast + GradScaler" if device.type == "cuda" else "off (cpu)"
 
     def environment() -> tuple[str, str]:
