@@ -10,7 +10,8 @@ pipeline run in a subprocess, an MLflow server, ``make`` or the GPU check's CPU 
 runs the rest in under a minute; ``make test`` runs everything. The hook below marks a test
 ``slow`` when it uses a fixture that starts Ray (:data:`SLOW_FIXTURES`), so new tests get the
 right tier by using them; a test that starts such things itself carries ``@pytest.mark.slow``
-(or its module ``pytestmark``).
+(or its module ``pytestmark``), and a few that cost seconds for other reasons are listed in
+:data:`SLOW_TESTS`.
 """
 from __future__ import annotations
 
@@ -60,14 +61,30 @@ def tiny_config():
 # Fixtures whose tests are slow: they start a Ray cluster (tests/pipeline/conftest.py,
 # tests/cluster/conftest.py). Add here any new fixture that starts Ray, a server or a pipeline run.
 SLOW_FIXTURES = frozenset({"ray_cluster", "two_node_cluster"})
+
+# Tests slow for a reason no fixture shows, by node id (a file, or file::test), each with its
+# cost on the 2-core machine: kept out of `make test-fast` so that it stays under a minute.
+# tests/test_tiers.py checks that every entry still names a test.
+SLOW_TESTS = {
+    "tests/pipeline/test_average_buffers.py": "a 2-process torch.distributed group, spawned (8 s)",
+    "tests/pipeline/test_registry.py": "MLflow stores, logged models and a registry (8 s)",
+    "tests/pipeline/test_resume.py": "DF-DAM trained for 8 epochs in the test process (11 s)",
+    "tests/sharding/test_shard_cli.py::test_make_synthetic_shard_and_verify":
+        "run.py make-synthetic, shard and shard verify in subprocesses (5 s)",
+    "tests/sharding/test_shard_cli.py::test_voc_shard_reports_rejects": "run.py shard in subprocesses (3 s)",
+}
 CLUSTER_DIR = Path(__file__).resolve().parent / "cluster"
 
 
+def _listed(nodeid: str) -> bool:
+    return any(nodeid == key or nodeid.startswith((key + "::", key + "[")) for key in SLOW_TESTS)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """``slow`` on every test that uses a fixture of :data:`SLOW_FIXTURES`; ``cluster`` on every
-    test under tests/cluster."""
+    """``slow`` on every test that uses a fixture of :data:`SLOW_FIXTURES` or is listed in
+    :data:`SLOW_TESTS`; ``cluster`` on every test under tests/cluster."""
     for item in items:
-        if SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+        if SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())) or _listed(item.nodeid):
             item.add_marker(pytest.mark.slow)
         if CLUSTER_DIR in Path(item.path).parents:
             item.add_marker(pytest.mark.cluster)
