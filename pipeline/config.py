@@ -101,6 +101,40 @@ class TrainConfig:
     log_every: int = 10  # steps between progress lines
 
 
+INFERENCE_MODES = ("whole", "slide")
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    """How a trained model predicts when evaluated (sections 4.4-4.5, Tables 3 and 5).
+
+    The softmax is averaged over ``scales`` x (image, its left-right flip) at the input size;
+    ``mode="slide"`` runs each scaled image in ``crop``-sized windows ``stride`` apart. The
+    defaults (one scale, no flip, whole image) are what training validates with. The paper's
+    test protocol: ``scales=PAPER_EVAL_SCALES, flip=True`` (see pipeline/inference.py).
+    """
+
+    scales: tuple[float, ...] = (1.0,)
+    flip: bool = False
+    mode: str = "whole"  # one of INFERENCE_MODES
+    crop: tuple[int, int] | None = None  # (H, W) of a sliding window; needed by mode "slide"
+    stride: tuple[int, int] | None = None  # (H, W) between windows; None: 2/3 of the crop
+
+    @property
+    def protocol(self) -> str:
+        """The metric-name suffix that says how predictions were made: ``""`` for the default
+        (one scale, whole image, no flip), else ``"ms"``, ``"flip"``, ``"slide"`` joined by ``_``."""
+        parts = [name for name, on in (("ms", self.scales != (1.0,)), ("flip", self.flip),
+                                        ("slide", self.mode == "slide")) if on]
+        if len(self.scales) == 1 and self.scales != (1.0,):
+            parts[0] = f"x{self.scales[0]:g}"  # one other scale is not multi-scale
+        return "_".join(parts)
+
+
+# The paper's evaluation scales (section 4.4): "scales = {0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0}".
+PAPER_EVAL_SCALES: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)
+
+
 @dataclass(frozen=True)
 class TrackingConfig:
     """MLflow: embedded SQLite store by default, or MLFLOW_TRACKING_URI / ``uri``."""
@@ -121,6 +155,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -149,7 +184,7 @@ class Config:
         return validate(cls(preset=data.get("preset", "custom"), dataset=data.get("dataset", "cityscapes"), **sections))
 
 
-_SECTIONS = ("model", "data", "optim", "loss", "train", "tracking")
+_SECTIONS = ("model", "data", "optim", "loss", "train", "tracking", "inference")
 
 
 # The cluster presets survive this many lost workers or nodes per run (each restart resumes from
@@ -315,11 +350,27 @@ def validate(config: Config) -> Config:
         (config.data.batch_size % config.train.workers == 0, "data.batch_size must be divisible by train.workers"),
         (all(s > 0 for s in config.data.scales), "data.scales must be positive"),
         (min(config.data.crop_size) >= 32, "data.crop_size must be at least 32x32 (output stride 32)"),
+        *inference_checks(config.inference),
     ]
     for ok, message in checks:
         if not ok:
             raise ConfigError(f"{message} (got {_describe(config)})")
     return config
+
+
+def inference_checks(inference: InferenceConfig) -> list[tuple[bool, str]]:
+    """``(ok, message)`` for the values of an inference section (also checked alone by run.py)."""
+    slide = inference.mode == "slide"
+    return [
+        (inference.mode in INFERENCE_MODES, f"inference.mode must be {_one_of(INFERENCE_MODES)}"),
+        (bool(inference.scales) and all(s > 0 for s in inference.scales), "inference.scales must be positive"),
+        (not slide or inference.crop is not None, "inference.mode=slide needs inference.crop (HxW)"),
+        (inference.crop is None or min(inference.crop) >= 32, "inference.crop must be at least 32x32 (output stride 32)"),
+        (inference.stride is None or min(inference.stride) >= 1, "inference.stride must be at least 1x1"),
+        (inference.stride is None or inference.crop is None
+         or all(s <= c for s, c in zip(inference.stride, inference.crop)),
+         "inference.stride must not exceed inference.crop (windows would leave pixels unseen)"),
+    ]
 
 
 def _one_of(names: tuple[str, ...]) -> str:

@@ -21,8 +21,9 @@ from torch import nn
 from models import LogitsOnly
 from pipeline import tracking
 from pipeline.checkpoint import CHECKPOINT_FILE, latest_checkpoint, load_checkpoint, model_from_checkpoint
-from pipeline.config import Config, DataConfig
+from pipeline.config import Config, DataConfig, InferenceConfig
 from pipeline.data import eval_loader
+from pipeline.inference import segment
 from pipeline.metrics import ConfusionMeter, format_iou_table, iou_per_class, mean_iou, pixel_accuracy
 from sharding.classes import IGNORE_INDEX
 from sharding.manifest import Manifest, read_manifest
@@ -30,18 +31,17 @@ from sharding.manifest import Manifest, read_manifest
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable, num_classes: int, device: torch.device,
-             ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+             ignore_index: int = IGNORE_INDEX, settings: InferenceConfig = InferenceConfig()) -> torch.Tensor:
     """Confusion matrix (K x K, rows = ground truth) of ``model``'s predictions over ``batches``.
 
-    Pass the model unwrapped from DDP: evaluation runs no collective; the caller sums the
-    matrices of all ranks once.
+    Predictions as ``settings`` say (:func:`pipeline.inference.segment`: whole image, one
+    scale by default; multi-scale, flip, sliding window). Pass the model unwrapped from DDP:
+    evaluation runs no collective; the caller sums the matrices of all ranks once.
     """
     model.eval()
     meter = ConfusionMeter(num_classes, ignore_index=ignore_index, device=device)
     for images, labels, *_ in batches:
-        out = model(images.to(device))
-        logits = out["out"] if isinstance(out, dict) else out  # (B, K, H, W); MLflow models give logits
-        meter.update(logits.argmax(1), labels.to(device))
+        meter.update(segment(model, images.to(device), settings), labels.to(device))
     return meter.matrix
 
 
