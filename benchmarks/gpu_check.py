@@ -203,6 +203,7 @@ def stage1_config(shards: Path, sizes: Sizes, device, backbone: str = "resnet18"
         f"data.shards={shards}", f"data.crop_size={sizes.crop[0]}x{sizes.crop[1]}", f"data.batch_size={sizes.batch}",
         f"data.loader_workers={sizes.loader_workers}", "train.workers=1", "train.epochs=2",
         f"train.gpu={'true' if device.type == 'cuda' else 'false'}", f"model.backbone={backbone}",
+        "model.weights=none",  # the preset's ImageNet weights would need a download; speed does not
     ])
 
 
@@ -482,7 +483,7 @@ def _train_command(shards: Path, storage: Path, sizes: Sizes, gpu: bool, resume:
             "--workers", "1", "--epochs", "2", "--name", RUN_NAME, "--storage", str(storage), "--max-failures", "0",
             "--set", f"data.crop_size={h}x{w}", "--set", f"data.batch_size={sizes.batch}",
             "--set", f"data.loader_workers={sizes.loader_workers}", "--set", "data.eval_batch_size=1",
-            "--set", "train.log_every=1", "--set", "tracking.overlays=1",
+            "--set", "train.log_every=1", "--set", "tracking.overlays=1", "--set", "model.weights=none",
             *(["--gpu"] if gpu else []), *(["--resume"] if resume else [])]
 
 

@@ -15,3 +15,11 @@ BACKBONES: tuple[str, ...] = get_args(BackboneName)
 Variant = Literal["sum", "dafm", "dafm+2dpam"]
 VARIANTS: tuple[str, ...] = get_args(Variant)
 """The paper's ablation (Tables 1-2): plain sums, DAFM alone, the full model."""
+
+PretrainedName = Literal["imagenet", "imagenet_v1"]
+PRETRAINED: tuple[str, ...] = get_args(PretrainedName)
+"""``model.weights`` keywords for torchvision's ImageNet weights (section 4.1: "ResNet series
+pre-trained on ImageNet"). ``imagenet``: IMAGENET1K_V2 for ResNet-50/101 (torchvision's newer,
+better recipe) and IMAGENET1K_V1 for ResNet-18 (its only one); ``imagenet_v1``: IMAGENET1K_V1
+for all three, the weights that existed when the paper was written. Any other value is the
+path of a local torchvision ResNet ``state_dict``; see :func:`models.backbone.resnet_stages`."""

@@ -2,7 +2,9 @@
 
 Presets carry the paper's hyper-parameters (section 4.1): ``cityscapes`` (batch 8,
 lr 0.01, weight decay 5e-4, crop 1024), ``voc`` (batch 16, lr 0.001, weight decay 1e-5,
-crop 512), and ``synthetic`` (small and fast, for the demo and tests). Any field can be
+crop 512), both starting from ImageNet weights (``model.weights="imagenet"``: fetched into
+torch's cache, or ``--set model.weights=/path/to/resnet.pth`` without internet), and
+``synthetic`` (small and fast, random initialisation, for the demo and tests). Any field can be
 overridden with ``section.field=value`` strings (``--set`` on the command line); values
 are parsed by the field's type, and unknown sections or fields are rejected with the
 closest valid names.
@@ -31,7 +33,7 @@ class ModelConfig:
 
     backbone: str = "resnet18"  # one of models.names.BACKBONES
     variant: str = "dafm+2dpam"  # one of models.names.VARIANTS (Tables 1-2)
-    weights: str | None = None  # None | "imagenet" | path to a torchvision ResNet state_dict
+    weights: str | None = None  # None | models.names.PRETRAINED | path to a torchvision ResNet state_dict
     channels: int = 128  # 1x1 projections (section 3.4)
     gate_hidden: int = 32  # 2DPAM hidden width
     refine_channels: int = 128  # refine block width
@@ -197,6 +199,7 @@ def _preset_cityscapes() -> Config:
     return Config(
         preset="cityscapes",
         dataset="cityscapes",
+        model=ModelConfig(weights="imagenet"),
         data=DataConfig(crop_size=(1024, 1024), batch_size=8),
         optim=OptimConfig(lr=0.01, weight_decay=5e-4),
         train=TrainConfig(epochs=200, max_failures=CLUSTER_MAX_FAILURES),
@@ -207,7 +210,7 @@ def _preset_voc() -> Config:
     return Config(
         preset="voc",
         dataset="voc",
-        model=ModelConfig(backbone="resnet101"),
+        model=ModelConfig(backbone="resnet101", weights="imagenet"),
         data=DataConfig(train_split="train_aug", crop_size=(512, 512), batch_size=16),
         optim=OptimConfig(lr=0.001, weight_decay=1e-5),
         train=TrainConfig(epochs=50, max_failures=CLUSTER_MAX_FAILURES),

@@ -24,6 +24,7 @@ from typing import IO, Any
 
 import numpy as np
 
+from models.names import PRETRAINED
 from pipeline import tracking
 from pipeline.checkpoint import RECORD_FILE, latest_checkpoint
 from pipeline.cluster import check_resources, connect_ray
@@ -52,7 +53,9 @@ class TrainResult:
 
 
 def check_inputs(cfg: Config) -> tuple[Manifest, Manifest]:
-    """Everything that can be checked before Ray starts: shards, manifests, preset."""
+    """Everything that can be checked before Ray starts: shards, manifests, preset, backbone weights
+    (ImageNet weights are fetched into torch's cache here; :class:`models.backbone.WeightsUnavailable`
+    where they cannot be)."""
     if not cfg.data.shards:
         raise ConfigError("no shards given: pass --data SHARD_DIR (a folder written by `run.py shard`)")
     shards = Path(cfg.data.shards)
@@ -63,13 +66,20 @@ def check_inputs(cfg: Config) -> tuple[Manifest, Manifest]:
     if train_manifest.num_classes != val_manifest.num_classes:
         raise ManifestError(f"{shards}: splits {cfg.data.train_split!r} and {cfg.data.val_split!r} disagree on the "
                             f"number of classes ({train_manifest.num_classes} vs {val_manifest.num_classes})")
-    weights = cfg.model.weights
-    if weights not in (None, "imagenet") and not Path(weights).is_file():
-        raise FileNotFoundError(f"model.weights {weights!r}: no such file; expected 'imagenet' or the path of a "
-                                "torchvision ResNet state_dict (.pth) readable from every node")
     if cfg.dataset in DATASETS and train_manifest.dataset != cfg.dataset:
         raise ConfigError(f"preset {cfg.preset!r} is made for {cfg.dataset} but {shards} holds "
                           f"{train_manifest.dataset} shards: use --preset {train_manifest.dataset} (or synthetic)")
+    weights = cfg.model.weights
+    if weights in PRETRAINED:
+        # Into torch's cache on this node now (workers here then read it; workers elsewhere fetch
+        # their own): no internet is an error before Ray starts, not one per worker after.
+        from models.backbone import fetch_imagenet_weights
+
+        fetch_imagenet_weights(cfg.model.backbone, weights)
+    elif weights is not None and not Path(weights).is_file():
+        raise FileNotFoundError(f"model.weights {weights!r}: no such file; expected "
+                                f"{' or '.join(map(repr, PRETRAINED))} or the path of a torchvision ResNet "
+                                "state_dict (.pth) readable from every node")
     return train_manifest, val_manifest
 
 
@@ -150,7 +160,7 @@ def printing(board: Any, console: TrainingConsole, every_s: float = 1.0) -> Iter
 def absolute_paths(cfg: Config) -> Config:
     """Shards, storage and weights as absolute paths: Ray workers run in their own working directories."""
     weights = cfg.model.weights
-    if weights not in (None, "imagenet"):
+    if weights is not None and weights not in PRETRAINED:
         weights = str(Path(weights).resolve())
     return dataclasses.replace(
         cfg,

@@ -58,6 +58,29 @@ def tiny_config():
     return _tiny_config
 
 
+@pytest.fixture
+def offline_torch_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """An empty torch cache (``$TORCH_HOME``) on a machine that cannot reach download.pytorch.org.
+
+    HTTP(S) goes through a proxy address on a 127.0.0.1 port that is bound but not listening, so
+    every connection is refused by this machine's own network stack, whatever internet it has: the
+    download path runs for real and fails the way an offline node's does, in milliseconds.
+    """
+    import socket
+
+    home = tmp_path / "torch-home"
+    home.mkdir()
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))  # held, never listening: connections to it are refused
+        proxy = f"http://127.0.0.1:{blocker.getsockname()[1]}"
+        monkeypatch.setenv("TORCH_HOME", str(home))
+        for name in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
+            monkeypatch.setenv(name, proxy)
+        for name in ("no_proxy", "NO_PROXY"):
+            monkeypatch.delenv(name, raising=False)
+        yield home
+
+
 # Fixtures whose tests are slow: they start a Ray cluster (tests/pipeline/conftest.py,
 # tests/cluster/conftest.py). Add here any new fixture that starts Ray, a server or a pipeline run.
 SLOW_FIXTURES = frozenset({"ray_cluster", "two_node_cluster"})

@@ -17,6 +17,14 @@ def test_presets_carry_the_papers_hyper_parameters() -> None:
     assert voc.data.train_split == "train_aug"
 
 
+def test_paper_presets_start_from_imagenet_and_synthetic_from_scratch() -> None:
+    assert (preset("cityscapes").model.weights, preset("voc").model.weights) == ("imagenet", "imagenet")
+    assert (preset("cityscapes").model.backbone, preset("voc").model.backbone) == ("resnet18", "resnet101")
+    assert preset("synthetic").model.weights is None
+    assert build_config("voc", ["model.weights=none"]).model.weights is None
+    assert build_config("voc", ["model.weights=imagenet_v1"]).model.weights == "imagenet_v1"
+
+
 def test_overrides_are_parsed_by_type() -> None:
     cfg = build_config("synthetic", ["optim.lr=0.02", "data.crop_size=96x160", "train.gpu=true",
                                      "model.weights=none", "data.scales=1,1.5", "loss.lambda_c=0"])
