@@ -239,7 +239,7 @@ def _add_make_synthetic(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--train", type=int, metavar="N",
                    help="training images: Cityscapes train (default 48) or VOC train_aug (default 64)")
     p.add_argument("--val", type=int, metavar="N", help="validation images (default 12 Cityscapes, 16 VOC)")
-    p.add_argument("--test", type=int, default=6, metavar="N", help="Cityscapes test images, unlabelled (default: 6)")
+    p.add_argument("--test", type=int, default=6, metavar="N", help="test images, unlabelled (default: 6)")
     p.add_argument("--size", default="128x256", metavar="HxW", help="Cityscapes image size (default: 128x256; the real one is 1024x2048)")
     p.add_argument("--min-size", type=int, default=96, metavar="PX", help="VOC: smallest image height or width (default: 96)")
     p.add_argument("--max-size", type=int, default=160, metavar="PX", help="VOC: largest image height or width (default: 160)")
@@ -261,7 +261,7 @@ def _cmd_make_synthetic(args: argparse.Namespace) -> int:
                                      show_progress=True)
         else:
             marker = make_voc(args.out, seed=args.seed, train_aug=given(args.train, 64), val=given(args.val, 16),
-                              min_size=args.min_size, max_size=args.max_size, show_progress=True)
+                              test=args.test, min_size=args.min_size, max_size=args.max_size, show_progress=True)
     except ValueError as exc:
         print(f"run.py make-synthetic: error: {exc}", file=sys.stderr)
         return 2
@@ -284,8 +284,12 @@ def _add_shard(sub: argparse._SubParsersAction) -> None:
             "VOC: palette indices, 255 border; SBD: GTcls.Segmentation), check every sample, and write "
             "<out>/<split>-NNNNNN.tar WebDataset shards (image bytes as on disk, label.png of train ids, "
             "json) plus <out>/<split>.manifest.parquet and <out>/<split>.rejects.jsonl. Splits: "
-            "cityscapes train, val, test; voc train_aug ((VOC train + SBD train + SBD val) - VOC val), "
-            "val, and train (VOC train alone). Image counts are checked against the official ones "
+            "cityscapes train, val, test (unlabelled); voc train_aug ((VOC train + SBD train + SBD val) - "
+            "VOC val, 10,582), val, train (VOC train alone), trainval (VOC train + val with VOC's own masks, "
+            "what the paper fine-tunes on before the test set) and test (VOC2012test.tar's photos, "
+            "unlabelled). VOC's SBD masks are read from benchmark_RELEASE/ when present, else from "
+            "VOCdevkit/VOC2012/SegmentationClassAug/ with ImageSets/Segmentation/trainaug.txt "
+            "(mmsegmentation's conversion). Image counts are checked against the official ones "
             "(or those a synthetic dataset declares). Writes are atomic and a re-run skips every shard "
             "whose checksum verifies, so an interrupted run resumes; the same input gives byte-identical "
             "shards. verify: re-read every shard in --out against its manifest and report mismatches "
@@ -297,11 +301,11 @@ def _add_shard(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", choices=DATASETS, help="dataset layout under --root (pack)")
     p.add_argument("--root", metavar="DIR",
                    help="pack: dataset root holding leftImg8bit/ + gtFine/ (cityscapes) or VOCdevkit/ + "
-                        "benchmark_RELEASE/ (voc)")
+                        "benchmark_RELEASE/ (voc; or VOCdevkit/ holding VOC2012/SegmentationClassAug/)")
     p.add_argument("--out", required=True, metavar="DIR", help="shard folder to write (pack) or check (verify)")
     p.add_argument("--split", nargs="+", metavar="SPLIT",
-                   help="splits to pack or verify (default: cityscapes train val test; voc train_aug val; "
-                        "verify: every split with a manifest)")
+                   help="splits to pack or verify (default: cityscapes train val test; voc train_aug val, "
+                        "also: voc train trainval test; verify: every split with a manifest)")
     p.add_argument("--shard-size", type=int, default=100, metavar="N", help="samples per shard (default: 100)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, metavar="N",
                    help="processes packing shards in parallel (default: the number of CPU cores)")

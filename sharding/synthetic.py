@@ -37,7 +37,7 @@ from sharding.synthetic_cityscapes import (BICYCLE, BUILDING, BUS, CAR, CITYSCAP
                                            render_cityscapes)
 from sharding.synthetic_drawing import Box, Canvas, Texture, smooth_noise
 from sharding.synthetic_voc import (VocLists, make_voc, palette_png, render_voc, sbd_mat, voc_border, voc_lists,
-                                    voc_object_colour)
+                                    voc_object_colour, voc_test_ids, write_segmentation_class_aug)
 
 __all__ = [
     # the two generators and their scene renderers
@@ -50,6 +50,7 @@ __all__ = [
     "ROAD", "SIDEWALK", "PARKING", "BUILDING", "WALL", "FENCE",
     "POLE", "TRAFFIC_LIGHT", "TRAFFIC_SIGN", "VEGETATION", "TERRAIN", "SKY",
     "PERSON", "RIDER", "CAR", "TRUCK", "BUS", "BICYCLE",
-    # VOC + SBD: class colours, void border, label files, split lists
-    "voc_object_colour", "voc_border", "palette_png", "sbd_mat", "VocLists", "voc_lists",
+    # VOC + SBD: class colours, void border, label files, split lists, test ids, the SegmentationClassAug layout
+    "voc_object_colour", "voc_border", "palette_png", "sbd_mat", "VocLists", "voc_lists", "voc_test_ids",
+    "write_segmentation_class_aug",
 ]

@@ -3,7 +3,10 @@
 The reader in :mod:`sharding.voc` cannot tell it from the real thing: same folders,
 file names and label encodings (VOC palette PNGs with the 255 void border; SBD
 ``cls/*.mat`` files holding the MATLAB struct ``GTcls.Segmentation``), and VOC/SBD
-split lists that overlap the way the real ones do. Images have one to three objects of
+split lists that overlap the way the real ones do, and unlabelled test photos listed in
+``test.txt`` as VOC2012test.tar adds them. :func:`write_segmentation_class_aug` converts the
+SBD masks into the other layout users have, ``SegmentationClassAug/`` + ``trainaug.txt``, the
+way mmsegmentation's converter does. Images have one to three objects of
 different classes on a cluttered background; every class has its own colour family and
 shape, some with stripes, under noise and lighting changes. Everything follows from
 ``seed``: the same arguments write byte-identical files.
@@ -26,6 +29,7 @@ from sharding.classes import voc_colormap
 from sharding.synthetic_drawing import (Canvas, _jitter, _jpeg_bytes, _photograph, _png_bytes, _prepare_out,
                                         _textured, _write_marker)
 from sharding.text import bar_disabled
+from sharding.voc import AUG_DIR, SBD_DIR, VOC_DIR, read_id_list, read_sbd_mat, train_aug_ids
 
 
 def voc_object_colour(cls: int) -> tuple[int, int, int]:
@@ -146,14 +150,23 @@ def voc_lists(rng: np.random.Generator, train_aug: int, val: int) -> VocLists:
     )
 
 
-def make_voc(out: Path | str, *, seed: int = 0, train_aug: int = 64, val: int = 16, min_size: int = 96,
-             max_size: int = 160, show_progress: bool = False) -> dict[str, Any]:
+def voc_test_ids(rng: np.random.Generator, count: int) -> list[str]:
+    """``count`` test ids, sorted, numbered from 8000 up: never one of :func:`voc_lists`' ids (below 8000)."""
+    years = rng.integers(2008, 2012, size=count)
+    return sorted(f"{y}_{n:06d}" for y, n in zip(years, rng.choice(np.arange(8000, 10000), count, replace=False)))
+
+
+def make_voc(out: Path | str, *, seed: int = 0, train_aug: int = 64, val: int = 16, test: int = 4,
+             min_size: int = 96, max_size: int = 160, show_progress: bool = False) -> dict[str, Any]:
     """Write a synthetic PASCAL VOC 2012 devkit and SBD release under ``out``.
 
     Args:
         out: the root that will hold ``VOCdevkit/`` and ``benchmark_RELEASE/``.
         seed: everything follows from it.
         train_aug, val: image counts of the ``train_aug`` and ``val`` splits.
+        test: unlabelled test photos (``JPEGImages/`` and ``ImageSets/Segmentation/test.txt``);
+            none and no ``test.txt`` with 0. They are drawn from random streams of their own,
+            so every other file is the same whatever their number.
         min_size, max_size: each image's height and width are drawn from this range.
 
     Returns:
@@ -162,6 +175,8 @@ def make_voc(out: Path | str, *, seed: int = 0, train_aug: int = 64, val: int = 
     out = Path(out)
     if not 16 <= min_size <= max_size:
         raise ValueError(f"need 16 <= min_size <= max_size, got {min_size} and {max_size}")
+    if not 0 <= test <= 2000:
+        raise ValueError(f"need 0 <= test <= 2000 test images, got {test}")
     lists = voc_lists(np.random.default_rng([seed, 0]), train_aug, val)
     _prepare_out(out, ("VOCdevkit", "benchmark_RELEASE"))
     voc = out / "VOCdevkit" / "VOC2012"
@@ -183,10 +198,39 @@ def make_voc(out: Path | str, *, seed: int = 0, train_aug: int = 64, val: int = 
         if image_id in in_sbd:
             (sbd / "img" / f"{image_id}.jpg").write_bytes(photo)
             (sbd / "cls" / f"{image_id}.mat").write_bytes(sbd_mat(indices))
+    unlabelled = voc_test_ids(np.random.default_rng([seed, 2]), test)
+    for index, image_id in enumerate(unlabelled):
+        rng = np.random.default_rng([seed, 3, index])
+        height, width = (int(v) for v in rng.integers(min_size, max_size + 1, size=2))
+        (voc / "JPEGImages" / f"{image_id}.jpg").write_bytes(_jpeg_bytes(render_voc(rng, height, width)[0]))
     segmentation = voc / "ImageSets" / "Segmentation"
     for path, ids in ((segmentation / "train.txt", lists.voc_train), (segmentation / "val.txt", lists.voc_val),
                       (segmentation / "trainval.txt", sorted(in_voc)), (sbd / "train.txt", lists.sbd_train),
-                      (sbd / "val.txt", lists.sbd_val)):
+                      (sbd / "val.txt", lists.sbd_val), *([(segmentation / "test.txt", unlabelled)] if test else [])):
         path.write_text("".join(f"{i}\n" for i in ids))
-    counts = {"train_aug": len(lists.train_aug), "val": len(lists.voc_val), "train": len(lists.voc_train)}
+    counts = {"train_aug": len(lists.train_aug), "val": len(lists.voc_val), "train": len(lists.voc_train),
+              "trainval": len(in_voc), **({"test": test} if test else {})}
     return _write_marker(out, "voc", seed, counts, {"min_size": min_size, "max_size": max_size})
+
+
+def write_segmentation_class_aug(root: Path | str) -> Path:
+    """Convert the SBD release under ``root`` into the ``SegmentationClassAug`` layout, as
+    mmsegmentation's ``tools/dataset_converters/voc_aug.py`` does; returns the new folder.
+
+    Every ``benchmark_RELEASE/dataset/cls/<id>.mat`` becomes
+    ``VOCdevkit/VOC2012/SegmentationClassAug/<id>.png``, a single-channel (mode "L") PNG of its
+    ``GTcls.Segmentation``; ``ImageSets/Segmentation/trainaug.txt`` lists (VOC train + SBD train +
+    SBD val) - VOC val and ``aug.txt`` lists SBD - (VOC train + val) (sorted here, where the
+    converter writes a set's order). ``benchmark_RELEASE/`` is left as it is.
+    """
+    root = Path(root)
+    sbd, lists, aug = root / SBD_DIR, root / VOC_DIR / "ImageSets" / "Segmentation", root / AUG_DIR
+    aug.mkdir(parents=True, exist_ok=True)
+    for mat in sorted((sbd / "cls").glob("*.mat")):
+        (aug / f"{mat.stem}.png").write_bytes(_png_bytes(Image.fromarray(read_sbd_mat(mat))))
+    sbd_ids = [*read_id_list(sbd / "train.txt"), *read_id_list(sbd / "val.txt")]
+    voc_train, voc_val = read_id_list(lists / "train.txt"), read_id_list(lists / "val.txt")
+    aug_only = sorted(set(sbd_ids) - set(voc_train) - set(voc_val))
+    for name, ids in (("trainaug.txt", train_aug_ids(voc_train, voc_val, sbd_ids, [])), ("aug.txt", aug_only)):
+        (lists / name).write_text("".join(f"{i}\n" for i in ids))
+    return aug

@@ -2,15 +2,33 @@
 
 Layout read, under one ``--root`` (symlinks are fine)::
 
-    VOCdevkit/VOC2012/JPEGImages/<id>.jpg
-    VOCdevkit/VOC2012/SegmentationClass/<id>.png      palette PNG: class indices, 255 border
-    VOCdevkit/VOC2012/ImageSets/Segmentation/{train,val}.txt
-    benchmark_RELEASE/dataset/img/<id>.jpg
-    benchmark_RELEASE/dataset/cls/<id>.mat            MATLAB struct GTcls.Segmentation
-    benchmark_RELEASE/dataset/{train,val}.txt
+    VOCdevkit/VOC2012/JPEGImages/<id>.jpg                 trainval photos (+ test photos, VOC2012test.tar)
+    VOCdevkit/VOC2012/SegmentationClass/<id>.png          palette PNG: class indices, 255 border
+    VOCdevkit/VOC2012/ImageSets/Segmentation/{train,val}.txt (+ test.txt, VOC2012test.tar)
 
-Splits: ``train_aug`` = (VOC train + SBD train + SBD val) - VOC val, where VOC's own
-mask (and photo) wins when both exist; ``val`` = VOC val; ``train`` = VOC train alone.
+and, for ``train_aug``, the SBD masks in one of two layouts::
+
+    benchmark_RELEASE/dataset/img/<id>.jpg                SBD as released (benchmark.tgz)
+    benchmark_RELEASE/dataset/cls/<id>.mat                MATLAB struct GTcls.Segmentation
+    benchmark_RELEASE/dataset/{train,val}.txt
+  or
+    VOCdevkit/VOC2012/SegmentationClassAug/<id>.png       SBD's masks as single-channel PNGs of class
+                                                          indices, as mmsegmentation's voc_aug.py (and
+                                                          DeepLab's converters) write them
+    VOCdevkit/VOC2012/ImageSets/Segmentation/trainaug.txt the 10,582 ids (mmsegmentation's name;
+                                                          train_aug.txt is read too)
+
+``benchmark_RELEASE/`` is read when it is there, else ``SegmentationClassAug/``; both give the
+same samples and the same labels (photos come from ``JPEGImages/`` in the second).
+
+Splits (the paper's, section 4 and 4.5):
+
+* ``train_aug`` = (VOC train + SBD train + SBD val) - VOC val, 10,582 images, where VOC's own
+  mask (and photo) wins when both exist;
+* ``val`` = VOC val (1,449); ``train`` = VOC train alone (1,464);
+* ``trainval`` = VOC train + val (2,913), VOC's own masks only: the "PASCAL VOC 2012 trainval
+  set" the paper fine-tunes on before the test set, for its better annotations (section 4.5);
+* ``test`` = the 1,456 test photos, unlabelled (every pixel 255), for predictions to submit.
 """
 from __future__ import annotations
 
@@ -19,16 +37,21 @@ from pathlib import Path
 import numpy as np
 
 from sharding.classes import IGNORE_INDEX, VOC_CLASS_NAMES
-from sharding.samples import (DatasetError, Discovery, Reject, SampleError, SourceSample, read_index_png,
-                              values_present)
+from sharding.samples import (DatasetError, Discovery, LabelReader, Reject, SampleError, SourceSample,
+                              read_index_png, values_present)
 
-SPLITS = ("train_aug", "val", "train")
+SPLITS = ("train_aug", "val", "train", "trainval", "test")
 DEFAULT_SPLITS = ("train_aug", "val")
-OFFICIAL_COUNTS = {"train_aug": 10582, "val": 1449, "train": 1464}
-"""Images per split on the full VOC 2012 + SBD release."""
+UNLABELLED_SPLITS = frozenset({"test"})
+OFFICIAL_COUNTS = {"train_aug": 10582, "val": 1449, "train": 1464, "trainval": 2913, "test": 1456}
+"""Images per split on the full VOC 2012 + SBD release (and VOC2012test.tar for ``test``)."""
 
 VOC_DIR = Path("VOCdevkit") / "VOC2012"
 SBD_DIR = Path("benchmark_RELEASE") / "dataset"
+AUG_DIR = VOC_DIR / "SegmentationClassAug"
+AUG_LISTS = ("trainaug.txt", "train_aug.txt")
+"""Names of the train_aug list next to train.txt in the SegmentationClassAug layout, in the
+order looked for: mmsegmentation's voc_aug.py writes ``trainaug.txt``."""
 NUM_CLASSES = len(VOC_CLASS_NAMES)
 _EXPECTED_VALUES = f"class indices 0-{NUM_CLASSES - 1} or {IGNORE_INDEX} (void)"
 
@@ -80,12 +103,18 @@ def read_sbd_mat(path: Path) -> np.ndarray:
 
 
 def read_id_list(path: Path) -> list[str]:
-    """The image ids of a split list (one per line), in file order, without duplicates."""
+    """The image ids of a split list (one per line), in file order, without duplicates.
+
+    A line may also name files, as DeepLab's lists do (``/JPEGImages/<id>.jpg
+    /SegmentationClassAug/<id>.png``): the id is then the first file's name without suffix.
+    """
     if not path.is_file():
         raise DatasetError(f"missing split list {path}; expected a text file with one image id per line")
     seen: dict[str, None] = {}
     for line in path.read_text().splitlines():
         token = line.strip().split()[0] if line.strip() else ""
+        if "/" in token:
+            token = Path(token).stem
         if token:
             seen.setdefault(token, None)
     return list(seen)
@@ -102,50 +131,100 @@ def _require_dir(path: Path, what: str) -> None:
         raise DatasetError(f"missing folder {path}: expected {what}")
 
 
+Source = tuple[Path, Path, LabelReader]
+"""Where one sample's photo and mask are, and the reader of that mask."""
+
+
+def _sbd_sources(root: Path, voc_train: list[str], voc_val: list[str]) -> tuple[list[str], dict[str, Source]]:
+    """The ``train_aug`` ids and the SBD mask of each id that has one, from either SBD layout."""
+    voc = root / VOC_DIR
+    sbd, aug = root / SBD_DIR, root / AUG_DIR
+    if sbd.is_dir():
+        _require_dir(sbd / "img", "SBD photos <id>.jpg")
+        _require_dir(sbd / "cls", "SBD masks <id>.mat")
+        sbd_train = read_id_list(sbd / "train.txt")
+        sbd_val = read_id_list(sbd / "val.txt")
+        return (train_aug_ids(voc_train, voc_val, sbd_train, sbd_val),
+                {i: (sbd / "img" / f"{i}.jpg", sbd / "cls" / f"{i}.mat", read_sbd_mat) for i in {*sbd_train, *sbd_val}})
+    if aug.is_dir():
+        lists = voc / "ImageSets" / "Segmentation"
+        found = [lists / name for name in AUG_LISTS if (lists / name).is_file()]
+        if not found:
+            raise DatasetError(f"missing split list {lists / AUG_LISTS[0]} (or {AUG_LISTS[1]}): the "
+                               "SegmentationClassAug layout needs the list of the 10,582 train_aug ids, as "
+                               "mmsegmentation's voc_aug.py writes it")
+        ids = read_id_list(found[0])
+        leaked = sorted(set(ids) & set(voc_val))
+        if leaked:
+            raise DatasetError(f"{found[0]} lists {len(leaked)} VOC val id(s) ({', '.join(leaked[:3])}, ...); "
+                               "train_aug must exclude VOC val (expected (VOC train + SBD) - VOC val)")
+        return sorted(ids), {i: (voc / "JPEGImages" / f"{i}.jpg", aug / f"{i}.png", read_class_png) for i in ids}
+    raise DatasetError(f"train_aug needs SBD's masks under the root {root}: expected the SBD release at {SBD_DIR} "
+                       f"(benchmark.tgz: img/, cls/*.mat, train.txt, val.txt) or its PNG conversion at {AUG_DIR} "
+                       f"with ImageSets/Segmentation/{AUG_LISTS[0]} (mmsegmentation's voc_aug.py)")
+
+
+def _test_split(root: Path, lists: Path) -> Discovery:
+    """The unlabelled VOC 2012 test photos listed in ``test.txt`` (from VOC2012test.tar)."""
+    photos = root / VOC_DIR / "JPEGImages"
+    if not (lists / "test.txt").is_file():
+        raise DatasetError(f"missing split list {lists / 'test.txt'}; expected the VOC 2012 test set (VOC2012test.tar, "
+                           f"unpacked over the same VOCdevkit/) with one image id per line")
+    ids = sorted(read_id_list(lists / "test.txt"))
+    samples, rejects = [], []
+    for image_id in ids:
+        photo = photos / f"{image_id}.jpg"
+        if photo.is_file():
+            samples.append(SourceSample(key=image_id, root=root, image_path=photo, label_path=None,
+                                        read_label=read_class_png))
+        else:
+            rejects.append(Reject(image_id, str(photo), f"id {image_id} is listed for test but its image is missing"))
+    return Discovery(samples=samples, rejects=rejects, listed=len(ids))
+
+
 def discover(root: Path, split: str) -> Discovery:
     """List the samples of one VOC split, sorted by id.
 
     For each id the VOC mask ``SegmentationClass/<id>.png`` with its photo
     ``JPEGImages/<id>.jpg`` is used when the mask exists; otherwise (``train_aug``
-    only) the SBD mask ``cls/<id>.mat`` with its photo ``img/<id>.jpg``. An id with
-    no mask, or with a mask but no photo, becomes a :class:`Reject`.
+    only) the SBD mask (``cls/<id>.mat`` with ``img/<id>.jpg``, or
+    ``SegmentationClassAug/<id>.png`` with ``JPEGImages/<id>.jpg``). An id with no mask,
+    or with a mask but no photo, becomes a :class:`Reject`. ``test`` reads photos only.
     """
     if split not in SPLITS:
         raise DatasetError(f"unknown VOC split {split!r}: expected one of {', '.join(SPLITS)}")
     root = Path(root)
     voc = root / VOC_DIR
     _require_dir(voc, f"the PASCAL VOC 2012 devkit at {VOC_DIR} under the root {root}")
-    for sub, what in (("JPEGImages", "VOC photos <id>.jpg"),
-                      ("SegmentationClass", "VOC palette masks <id>.png"),
+    lists = voc / "ImageSets" / "Segmentation"
+    _require_dir(voc / "JPEGImages", "VOC photos <id>.jpg")
+    if split in UNLABELLED_SPLITS:
+        _require_dir(lists, "VOC split lists (test.txt for the test split)")
+        return _test_split(root, lists)
+    for sub, what in (("SegmentationClass", "VOC palette masks <id>.png"),
                       ("ImageSets/Segmentation", "VOC split lists train.txt and val.txt")):
         _require_dir(voc / sub, what)
-    lists = voc / "ImageSets" / "Segmentation"
     voc_val = read_id_list(lists / "val.txt")
     voc_train = read_id_list(lists / "train.txt")
-    sbd_ids: set[str] = set()
-    sbd = root / SBD_DIR
+    sbd: dict[str, Source] = {}
     if split == "val":
         ids = sorted(voc_val)
     elif split == "train":
         ids = sorted(voc_train)
+    elif split == "trainval":
+        ids = sorted({*voc_train, *voc_val})
     else:
-        _require_dir(sbd, f"the SBD release at {SBD_DIR} under the root {root} (needed for train_aug)")
-        _require_dir(sbd / "img", "SBD photos <id>.jpg")
-        _require_dir(sbd / "cls", "SBD masks <id>.mat")
-        sbd_train = read_id_list(sbd / "train.txt")
-        sbd_val = read_id_list(sbd / "val.txt")
-        sbd_ids = set(sbd_train) | set(sbd_val)
-        ids = train_aug_ids(voc_train, voc_val, sbd_train, sbd_val)
+        ids, sbd = _sbd_sources(root, voc_train, voc_val)
     samples: list[SourceSample] = []
     rejects: list[Reject] = []
     for image_id in ids:
         voc_mask = voc / "SegmentationClass" / f"{image_id}.png"
         if voc_mask.is_file():
             image, label, reader = voc / "JPEGImages" / f"{image_id}.jpg", voc_mask, read_class_png
-        elif image_id in sbd_ids and (sbd / "cls" / f"{image_id}.mat").is_file():
-            image, label, reader = sbd / "img" / f"{image_id}.jpg", sbd / "cls" / f"{image_id}.mat", read_sbd_mat
+        elif image_id in sbd and sbd[image_id][1].is_file():
+            image, label, reader = sbd[image_id]
         else:
-            expected = str(voc_mask) + (f" or {sbd / 'cls' / f'{image_id}.mat'}" if image_id in sbd_ids else "")
+            expected = str(voc_mask) + (f" or {sbd[image_id][1]}" if image_id in sbd else "")
             photo = voc / "JPEGImages" / f"{image_id}.jpg"
             if photo.is_file():
                 rejects.append(Reject(image_id, str(photo), f"image without its label: expected {expected}"))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -13,7 +14,9 @@ from PIL import Image
 
 from sharding import voc
 from sharding.classes import voc_classes, voc_colormap
+from sharding.manifest import read_manifest
 from sharding.samples import DatasetError, SampleError, encode_sample
+from sharding.synthetic import write_segmentation_class_aug
 from sharding.write import shard_split
 
 
@@ -143,9 +146,13 @@ def test_voc_mask_wins_in_the_shards(voc_root: Path, voc_shards: Path) -> None:
 
 def test_missing_sbd_is_named_and_val_needs_no_sbd(voc_copy: Path) -> None:
     (voc_copy / "benchmark_RELEASE").rename(voc_copy / "moved")
-    with pytest.raises(DatasetError, match=r"missing folder .*benchmark_RELEASE/dataset: expected the SBD release"):
+    with pytest.raises(DatasetError, match=r"train_aug needs SBD's masks .*: expected the SBD release at "
+                                           r"benchmark_RELEASE/dataset .* or its PNG conversion at "
+                                           r"VOCdevkit/VOC2012/SegmentationClassAug with "
+                                           r"ImageSets/Segmentation/trainaug.txt"):
         voc.discover(voc_copy, "train_aug")
     assert len(voc.discover(voc_copy, "val").samples) == 4
+    assert len(voc.discover(voc_copy, "trainval").samples) == 8
 
 
 def test_missing_split_list_is_named(voc_copy: Path) -> None:
@@ -193,3 +200,96 @@ def test_jpeg_bytes_must_be_a_jpeg_and_complete(voc_copy: Path, tmp_path: Path) 
         encode_sample(truncated, dataset="voc", split="val", num_classes=21)
     report = shard_split("voc", voc_copy, "val", tmp_path / "out", shard_size=2, show_progress=False)
     assert report.samples == 2 and {r.key for r in report.rejects} == {png_as_jpg.key, truncated.key}
+
+
+def _shard_members(shards: Path, split: str) -> dict[str, dict[str, bytes]]:
+    """``{key: {member: bytes}}`` of every sample in ``split``'s shards."""
+    out: dict[str, dict[str, bytes]] = {}
+    for shard in sorted(shards.glob(f"{split}-*.tar")):
+        with tarfile.open(shard) as tar:
+            for member in tar:
+                key, _, ext = member.name.partition(".")
+                out.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    return out
+
+
+def test_trainval_is_voc_train_and_val_with_vocs_own_masks(voc_root: Path, tmp_path: Path) -> None:
+    lists = voc_root / "VOCdevkit/VOC2012/ImageSets/Segmentation"
+    found = voc.discover(voc_root, "trainval")
+    keys = [s.key for s in found.samples]
+    assert keys == sorted(set(_read_list(lists / "train.txt")) | set(_read_list(lists / "val.txt")))
+    assert keys == _read_list(lists / "trainval.txt")  # the devkit's own trainval list
+    assert all(s.label_path == voc_root / f"VOCdevkit/VOC2012/SegmentationClass/{s.key}.png" for s in found.samples)
+    report = shard_split("voc", voc_root, "trainval", tmp_path, shard_size=4, show_progress=False)
+    assert report.samples == found.listed == 8 and not report.rejects
+
+
+def test_test_split_is_unlabelled_and_packs(voc_root: Path, tmp_path: Path) -> None:
+    ids = _read_list(voc_root / "VOCdevkit/VOC2012/ImageSets/Segmentation/test.txt")
+    assert len(ids) == 4
+    everything_else = {s.key for split in ("train_aug", "val") for s in voc.discover(voc_root, split).samples}
+    assert not set(ids) & everything_else
+    found = voc.discover(voc_root, "test")
+    assert [s.key for s in found.samples] == sorted(ids) and all(s.label_path is None for s in found.samples)
+    report = shard_split("voc", voc_root, "test", tmp_path, shard_size=3, show_progress=False)
+    assert report.samples == 4 and report.shards == 2
+    manifest = read_manifest(tmp_path, "test")
+    rows = manifest.table.to_pylist()
+    assert [r["label_source"] for r in rows] == [None] * 4
+    assert all(r["ignore_pixels"] == r["height"] * r["width"] and sum(r["class_pixels"]) == 0 for r in rows)
+    members = _shard_members(tmp_path, "test")
+    assert sorted(members) == sorted(ids)
+    for key, m in members.items():
+        assert m["jpg"] == (voc_root / f"VOCdevkit/VOC2012/JPEGImages/{key}.jpg").read_bytes()
+        assert (np.asarray(Image.open(io.BytesIO(m["label.png"]))) == 255).all()
+        assert json.loads(m["json"])["label"] is None
+
+
+def test_test_split_needs_its_list(voc_copy: Path) -> None:
+    (voc_copy / "VOCdevkit/VOC2012/ImageSets/Segmentation/test.txt").unlink()
+    with pytest.raises(DatasetError, match=r"missing split list .*test.txt; expected the VOC 2012 test set"):
+        voc.discover(voc_copy, "test")
+
+
+def test_segmentation_class_aug_layout_gives_the_same_samples_and_labels(voc_copy: Path, voc_shards: Path,
+                                                                        tmp_path: Path) -> None:
+    """mmsegmentation's conversion (SBD .mat -> SegmentationClassAug/*.png + trainaug.txt), without
+    benchmark_RELEASE/, shards into the keys, labels and photos of the SBD release."""
+    aug = write_segmentation_class_aug(voc_copy)
+    lists = voc_copy / "VOCdevkit/VOC2012/ImageSets/Segmentation"
+    assert Image.open(next(aug.glob("*.png"))).mode == "L"
+    sbd = voc_copy / "benchmark_RELEASE/dataset"
+    assert sorted(p.stem for p in aug.glob("*.png")) == sorted(p.stem for p in (sbd / "cls").glob("*.mat"))
+    shutil.rmtree(voc_copy / "benchmark_RELEASE")
+    ids = _read_list(lists / "trainaug.txt")
+    (lists / "trainaug.txt").write_text("".join(f"{i}\n" for i in reversed(ids)))  # the converter writes a set's order
+    found = voc.discover(voc_copy, "train_aug")
+    assert found.listed == 10 and not found.rejects
+    assert {s.label_path.parent.name for s in found.samples} == {"SegmentationClass", "SegmentationClassAug"}
+    report = shard_split("voc", voc_copy, "train_aug", tmp_path, shard_size=4, show_progress=False)
+    assert report.samples == 10
+    from_sbd, from_aug = _shard_members(voc_shards, "train_aug"), _shard_members(tmp_path, "train_aug")
+    assert sorted(from_aug) == sorted(from_sbd) == sorted(ids)
+    for key in from_sbd:
+        assert from_aug[key]["label.png"] == from_sbd[key]["label.png"], key
+        assert from_aug[key]["jpg"] == from_sbd[key]["jpg"], key
+    expected = read_manifest(voc_shards, "train_aug").table.select(["key", "label_sha256", "image_sha256"])
+    assert read_manifest(tmp_path, "train_aug").table.select(["key", "label_sha256", "image_sha256"]).equals(expected)
+
+
+def test_train_aug_list_of_the_aug_layout_is_found_and_checked(voc_copy: Path) -> None:
+    write_segmentation_class_aug(voc_copy)
+    shutil.rmtree(voc_copy / "benchmark_RELEASE")
+    lists = voc_copy / "VOCdevkit/VOC2012/ImageSets/Segmentation"
+    ids = _read_list(lists / "trainaug.txt")
+    (lists / "trainaug.txt").rename(lists / "train_aug.txt")  # the other name converters use, DeepLab's line format
+    (lists / "train_aug.txt").write_text("".join(f"/JPEGImages/{i}.jpg /SegmentationClassAug/{i}.png\n" for i in ids))
+    assert [s.key for s in voc.discover(voc_copy, "train_aug").samples] == sorted(ids)
+    val_id = _read_list(lists / "val.txt")[0]
+    (lists / "train_aug.txt").write_text("".join(f"{i}\n" for i in [*ids, val_id]))
+    with pytest.raises(DatasetError, match=rf"train_aug.txt lists 1 VOC val id\(s\) \({val_id}, ...\); train_aug "
+                                           r"must exclude VOC val"):
+        voc.discover(voc_copy, "train_aug")
+    (lists / "train_aug.txt").unlink()
+    with pytest.raises(DatasetError, match=r"missing split list .*trainaug.txt \(or train_aug.txt\)"):
+        voc.discover(voc_copy, "train_aug")
