@@ -153,6 +153,60 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_explain(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "explain",
+        help="pictures of DAFM's channel weights and 2DPAM's confidence map on one image (Figures 7-8)",
+        description=(
+            "Run a trained model on one image and draw what its attention modules do (section 4.3, "
+            "Figures 7 and 8). Writes into --out: alpha.png (DAFM's channel weights alpha_H and "
+            "alpha_L by channel and sorted, the highest and lowest named), channels_low.png and "
+            "channels_high.png (the --channels highest- and lowest-weighted channel maps of the "
+            "low-level features X^L and high-level features X^H), beta.png (2DPAM's confidence map "
+            "over the image), prediction.png (the predicted classes in the dataset's palette) and "
+            "attention.npz (the tensors behind the pictures). A model without DAFM or 2DPAM "
+            "(model.variant sum or dafm) gets what it has, and the rest is named as missing. A "
+            "checkpoint gives the normalisation and palette it was trained with; an MLflow model "
+            "gets the ImageNet mean/std and the VOC colour map. The image is used at its own size "
+            "(any size: the network resizes internally) unless --size is given."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", required=True, help="checkpoint, run folder, MLflow run id or models:/ URI")
+    p.add_argument("--input", required=True, metavar="IMAGE", help="an RGB image file (PNG, JPG)")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for the pictures (created if needed)")
+    p.add_argument("--size", metavar="HxW",
+                   help="resize the image to HxW (bilinear) first; without it the image keeps its own size")
+    p.add_argument("--channels", type=int, default=4, metavar="K",
+                   help="how many highest- and how many lowest-weighted channels to draw")
+    p.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    p.set_defaults(func=_cmd_explain)
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from pipeline.explain import ExplainError, explain_reference
+    from sharding.text import parse_size
+
+    try:
+        size = parse_size(args.size) if args.size else None
+    except ValueError as exc:
+        print(f"run.py explain: error: --size: {exc}", file=sys.stderr)
+        return 2
+    try:
+        report = explain_reference(args.model, args.input, args.out, size=size, channels=args.channels,
+                                   tracking_uri=args.tracking_uri)
+    except ExplainError as exc:
+        print(f"run.py explain: error: {exc}", file=sys.stderr)
+        return 2
+    print(report.summary)
+    for missing in report.missing:
+        print(f"not written: {missing}")
+    for path in report.removed:
+        print(f"removed {path} (left by an earlier explain; this model has no such output)")
+    print("wrote: " + ", ".join(str(p) for p in report.written))
+    return 0
+
+
 def _add_tune(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "tune",
@@ -370,6 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_profile(sub)
     _add_train(sub)
     _add_evaluate(sub)
+    _add_explain(sub)
     _add_tune(sub)
     return parser
 
