@@ -58,7 +58,7 @@ def _add_config_args(p: argparse.ArgumentParser, default_preset: str = "syntheti
                    help="folder written by `run.py shard` (<split>-NNNNNN.tar + <split>.manifest.parquet)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override a config field, e.g. --set optim.lr=0.02 --set data.crop_size=256x256; "
-                        "sections: model, data, optim, loss, train, tracking (repeatable)")
+                        "sections: model, data, optim, loss, train, tracking, inference (repeatable)")
     p.add_argument("--workers", type=int, help="Ray Train workers (train.workers)")
     p.add_argument("--epochs", type=int, help="epochs (train.epochs)")
     p.add_argument("--gpu", action="store_true", help="one GPU per worker, NCCL, mixed precision")
@@ -121,21 +121,56 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "evaluate",
-        help="mIoU and per-class IoU of a trained model on a shard split",
+        help="mIoU and per-class IoU of a trained model on a shard split (the paper's protocol: --ms --flip)",
         description=(
-            "Evaluate a trained model on a split of WebDataset shards (whole images) and print the "
-            "mIoU, pixel accuracy and a per-class IoU table. --model takes a checkpoint file, a "
-            "checkpoint folder, a Ray Train run folder (its newest checkpoint), an MLflow run id, or "
-            "an MLflow model URI such as models:/dfdam-synthetic@champion."
+            "Evaluate a trained model on a split of WebDataset shards and print the mIoU, pixel "
+            "accuracy and a per-class IoU table. --model takes a checkpoint file, a checkpoint folder, "
+            "a Ray Train run folder (its newest checkpoint), an MLflow run id, or an MLflow model URI "
+            "such as models:/dfdam-synthetic@champion. Predictions: whole images at one scale by "
+            "default; --scales and --flip average the softmax over scales and left-right flips at the "
+            "input size (the paper's test protocol, sections 4.4-4.5: --ms --flip); --mode slide runs "
+            "--crop windows --stride apart. --workers N spreads the shards over N Ray workers (--gpu: "
+            "one GPU each), each shard read once. When the model came from MLflow (or with --run), the "
+            "result is logged to that run as <split>_miou_<protocol> (val_miou_ms_flip, "
+            "val_miou_single, ...) with eval/<split>_<protocol>.json."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--model", required=True, help="checkpoint, run folder, MLflow run id or models:/ URI")
     p.add_argument("--data", required=True, metavar="SHARD_DIR", help="folder written by `run.py shard`")
     p.add_argument("--split", default="val", help="split to evaluate")
+    _add_inference_args(p)
+    p.add_argument("--workers", type=int, default=0, metavar="N",
+                   help="Ray workers to spread the shards over (0: predict in this process)")
+    p.add_argument("--gpu", action="store_true", help="predict on GPUs (one per Ray worker, or this process's)")
+    p.add_argument("--address", help="Ray cluster to join with --workers (default: $RAY_ADDRESS, else a local cluster)")
+    p.add_argument("--run", metavar="RUN_ID", help="MLflow run to log the result to (default: the run that logged "
+                                                   "an MLflow model; none for a checkpoint)")
+    p.add_argument("--no-log", action="store_true", help="log nothing to MLflow")
     p.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)")
     p.add_argument("--format", default="table", choices=["table", "json"])
     p.set_defaults(func=_cmd_evaluate)
+
+
+def _add_inference_args(p: argparse.ArgumentParser) -> None:
+    """How predictions are made (config section ``inference``), shared by evaluate and predict."""
+    p.add_argument("--scales", metavar="S,S,...", default="1.0",
+                   help="input scales whose softmax is averaged, e.g. 0.5,0.75,1.0,1.25,1.5,1.75,2.0")
+    p.add_argument("--ms", action="store_true", help="the paper's scales 0.5,0.75,1.0,1.25,1.5,1.75,2.0 (section 4.4)")
+    p.add_argument("--flip", action="store_true", help="also average over left-right flips")
+    p.add_argument("--mode", default="whole", choices=["whole", "slide"], help="whole images or sliding windows")
+    p.add_argument("--crop", metavar="HxW", help="sliding window size (--mode slide)")
+    p.add_argument("--stride", metavar="HxW", help="step between windows (default: 2/3 of --crop)")
+
+
+def _inference_from_args(args: argparse.Namespace):
+    from pipeline.config import PAPER_EVAL_SCALES, InferenceConfig, apply_overrides, preset
+
+    overrides = [f"inference.scales={','.join(map(str, PAPER_EVAL_SCALES)) if args.ms else args.scales}",
+                 f"inference.flip={args.flip}", f"inference.mode={args.mode}"]
+    overrides += [f"inference.{name}={getattr(args, name)}" for name in ("crop", "stride") if getattr(args, name)]
+    settings: InferenceConfig = apply_overrides(preset("synthetic"), overrides).inference
+    return settings
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -143,13 +178,26 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     from pipeline.evaluate import evaluate_model
 
-    report = evaluate_model(args.model, args.data, args.split, tracking_uri=args.tracking_uri)
+    report = evaluate_model(args.model, args.data, args.split, tracking_uri=args.tracking_uri,
+                            settings=_inference_from_args(args), workers=args.workers, gpu=args.gpu,
+                            address=args.address, log_run=args.run, log=not args.no_log,
+                            show_progress=args.format == "table")
     if args.format == "json":
         print(json.dumps({"model": report.model, "split": report.split, "samples": report.samples,
-                          "miou": report.miou, "pixel_acc": report.pixel_acc, "per_class": report.per_class}, indent=2))
+                          "protocol": report.settings.protocol or "single", "miou": report.miou,
+                          "pixel_acc": report.pixel_acc, "images_per_s": report.images_per_s,
+                          "workers": report.workers, "per_class": report.per_class, "logged_to": report.logged_to},
+                         indent=2))
     else:
-        print(f"model: {report.model}\nsplit: {report.split} ({report.samples} images)\n")
+        s = report.settings
+        how = (f"{s.mode}, scales {','.join(f'{x:g}' for x in s.scales)}{', flip' if s.flip else ''}"
+               + (f", crop {s.crop[0]}x{s.crop[1]}" if s.crop else ""))
+        where = f"{report.workers} Ray worker(s)" if report.workers else "this process"
+        print(f"model: {report.model}\nsplit: {report.split} ({report.samples} images)\n"
+              f"predictions: {how}; {report.images_per_s:.2f} images/s on {where}\n")
         print(report.table)
+        if report.logged_to:
+            print(f"\nlogged to MLflow run {report.logged_to}: {', '.join(report.metrics())}")
     return 0
 
 

@@ -162,7 +162,11 @@ def eval_loader(
 
     Yields ``(images (B,3,H,W), labels (B,H,W), keys)``; see :func:`batch_by_size`.
     """
-    shards = rank_shards(manifest, rank, world_size)
+    return shard_loader(rank_shards(manifest, rank, world_size), cfg)
+
+
+def shard_loader(shards: list[str], cfg: DataConfig) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+    """The samples of ``shards``, each once, in order, batched as :func:`eval_loader` batches them."""
     if not shards:  # more ranks than shards: this rank has nothing to count
         return iter(())
     pipeline = wds.DataPipeline(

@@ -245,6 +245,17 @@ def load_model(uri: str, model_uri: str) -> torch.nn.Module:
         raise TrackingError(f"cannot load {model_uri} from {uri}: {exc.message}") from None
 
 
+def model_details(uri: str, model_uri: str) -> tuple[dict[str, Any], str | None]:
+    """The metadata a model was logged with (dataset, classes, palette, normalisation) and the
+    id of the run that logged it (None when the MLmodel file names none)."""
+    mlflow.set_tracking_uri(uri)
+    try:
+        info = mlflow.models.get_model_info(model_uri)
+    except MlflowException as exc:
+        raise TrackingError(f"cannot read {model_uri} from {uri}: {exc.message}") from None
+    return dict(info.metadata or {}), info.run_id or None
+
+
 # ----------------------------------------------------------------------------- model registry
 
 

@@ -194,7 +194,8 @@ def _log_final(job: WorkerJob, net: nn.Module, cm: torch.Tensor) -> None:
         cpu_model = build_model(cfg.model, info["num_classes"], pretrained=False)
         cpu_model.load_state_dict({k: v.cpu() for k, v in net.state_dict().items()})
         tracking.log_model(uri, run_id, LogitsOnly(cpu_model).eval(), info["num_classes"],
-                           code_path=Path(models.__file__).parent, metadata=info)
+                           code_path=Path(models.__file__).parent,
+                           metadata={**info, "mean": list(cfg.data.mean), "std": list(cfg.data.std)})
 
 
 def epoch_logger(tracking_uri: str, run_id: str):

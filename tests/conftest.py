@@ -91,6 +91,8 @@ SLOW_FIXTURES = frozenset({"ray_cluster", "two_node_cluster"})
 SLOW_TESTS = {
     "tests/pipeline/test_average_buffers.py": "a 2-process torch.distributed group, spawned (8 s)",
     "tests/pipeline/test_registry.py": "MLflow stores, logged models and a registry (8 s)",
+    "tests/pipeline/test_evaluate.py::test_the_result_is_logged_to_the_models_run_under_the_protocols_name":
+        "an MLflow store and a logged model (10 s)",
     "tests/pipeline/test_resume.py": "DF-DAM trained for 8 epochs in the test process (11 s)",
     "tests/sharding/test_shard_cli.py::test_make_synthetic_shard_and_verify":
         "run.py make-synthetic, shard and shard verify in subprocesses (5 s)",
