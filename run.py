@@ -387,8 +387,9 @@ def _add_shard(sub: argparse._SubParsersAction) -> None:
             "<out>/<split>-NNNNNN.tar WebDataset shards (image bytes as on disk, label.png of train ids, "
             "json) plus <out>/<split>.manifest.parquet and <out>/<split>.rejects.jsonl. Splits: "
             "cityscapes train, val, test (unlabelled); voc train_aug ((VOC train + SBD train + SBD val) - "
-            "VOC val, 10,582), val, train (VOC train alone), trainval (VOC train + val with VOC's own masks, "
-            "what the paper fine-tunes on before the test set) and test (VOC2012test.tar's photos, "
+            "VOC val, 10,582), val, train (VOC train alone), trainval (train_aug + val, 12,031, "
+            "for the final fine-tune), voc_trainval (VOC train + val with VOC's own masks, 2,913: the set "
+            "the paper names for it) and test (VOC2012test.tar's photos, "
             "unlabelled). VOC's SBD masks are read from benchmark_RELEASE/ when present, else from "
             "VOCdevkit/VOC2012/SegmentationClassAug/ with ImageSets/Segmentation/trainaug.txt "
             "(mmsegmentation's conversion). Image counts are checked against the official ones "
@@ -407,7 +408,7 @@ def _add_shard(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="shard folder to write (pack) or check (verify)")
     p.add_argument("--split", nargs="+", metavar="SPLIT",
                    help="splits to pack or verify (default: cityscapes train val test; voc train_aug val, "
-                        "also: voc train trainval test; verify: every split with a manifest)")
+                        "also: voc train trainval voc_trainval test; verify: every split with a manifest)")
     p.add_argument("--shard-size", type=int, default=100, metavar="N", help="samples per shard (default: 100)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, metavar="N",
                    help="processes packing shards in parallel (default: the number of CPU cores)")

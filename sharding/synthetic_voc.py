@@ -209,7 +209,7 @@ def make_voc(out: Path | str, *, seed: int = 0, train_aug: int = 64, val: int = 
                       (sbd / "val.txt", lists.sbd_val), *([(segmentation / "test.txt", unlabelled)] if test else [])):
         path.write_text("".join(f"{i}\n" for i in ids))
     counts = {"train_aug": len(lists.train_aug), "val": len(lists.voc_val), "train": len(lists.voc_train),
-              "trainval": len(in_voc), **({"test": test} if test else {})}
+              "trainval": len(lists.train_aug) + len(lists.voc_val), "voc_trainval": len(in_voc), **({"test": test} if test else {})}
     return _write_marker(out, "voc", seed, counts, {"min_size": min_size, "max_size": max_size})
 
 

@@ -26,8 +26,10 @@ Splits (the paper's, section 4 and 4.5):
 * ``train_aug`` = (VOC train + SBD train + SBD val) - VOC val, 10,582 images, where VOC's own
   mask (and photo) wins when both exist;
 * ``val`` = VOC val (1,449); ``train`` = VOC train alone (1,464);
-* ``trainval`` = VOC train + val (2,913), VOC's own masks only: the "PASCAL VOC 2012 trainval
-  set" the paper fine-tunes on before the test set, for its better annotations (section 4.5);
+* ``trainval`` = ``train_aug`` + ``val`` (12,031), every labelled image, for the final
+  fine-tune before the test server;
+* ``voc_trainval`` = VOC train + val (2,913), VOC's own masks only: the "PASCAL VOC 2012
+  trainval set" the paper names for that fine-tune, for its better annotations (section 4.5);
 * ``test`` = the 1,456 test photos, unlabelled (every pixel 255), for predictions to submit.
 """
 from __future__ import annotations
@@ -40,10 +42,10 @@ from sharding.classes import IGNORE_INDEX, VOC_CLASS_NAMES
 from sharding.samples import (DatasetError, Discovery, LabelReader, Reject, SampleError, SourceSample,
                               read_index_png, values_present)
 
-SPLITS = ("train_aug", "val", "train", "trainval", "test")
+SPLITS = ("train_aug", "val", "train", "trainval", "voc_trainval", "test")
 DEFAULT_SPLITS = ("train_aug", "val")
 UNLABELLED_SPLITS = frozenset({"test"})
-OFFICIAL_COUNTS = {"train_aug": 10582, "val": 1449, "train": 1464, "trainval": 2913, "test": 1456}
+OFFICIAL_COUNTS = {"train_aug": 10582, "val": 1449, "train": 1464, "trainval": 12031, "voc_trainval": 2913, "test": 1456}
 """Images per split on the full VOC 2012 + SBD release (and VOC2012test.tar for ``test``)."""
 
 VOC_DIR = Path("VOCdevkit") / "VOC2012"
@@ -187,7 +189,7 @@ def discover(root: Path, split: str) -> Discovery:
 
     For each id the VOC mask ``SegmentationClass/<id>.png`` with its photo
     ``JPEGImages/<id>.jpg`` is used when the mask exists; otherwise (``train_aug``
-    only) the SBD mask (``cls/<id>.mat`` with ``img/<id>.jpg``, or
+    and ``trainval``) the SBD mask (``cls/<id>.mat`` with ``img/<id>.jpg``, or
     ``SegmentationClassAug/<id>.png`` with ``JPEGImages/<id>.jpg``). An id with no mask,
     or with a mask but no photo, becomes a :class:`Reject`. ``test`` reads photos only.
     """
@@ -211,10 +213,12 @@ def discover(root: Path, split: str) -> Discovery:
         ids = sorted(voc_val)
     elif split == "train":
         ids = sorted(voc_train)
-    elif split == "trainval":
+    elif split == "voc_trainval":
         ids = sorted({*voc_train, *voc_val})
     else:
         ids, sbd = _sbd_sources(root, voc_train, voc_val)
+        if split == "trainval":
+            ids = sorted({*ids, *voc_val})
     samples: list[SourceSample] = []
     rejects: list[Reject] = []
     for image_id in ids:

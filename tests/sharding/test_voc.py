@@ -152,7 +152,7 @@ def test_missing_sbd_is_named_and_val_needs_no_sbd(voc_copy: Path) -> None:
                                            r"ImageSets/Segmentation/trainaug.txt"):
         voc.discover(voc_copy, "train_aug")
     assert len(voc.discover(voc_copy, "val").samples) == 4
-    assert len(voc.discover(voc_copy, "trainval").samples) == 8
+    assert len(voc.discover(voc_copy, "voc_trainval").samples) == 8
 
 
 def test_missing_split_list_is_named(voc_copy: Path) -> None:
@@ -213,14 +213,22 @@ def _shard_members(shards: Path, split: str) -> dict[str, dict[str, bytes]]:
     return out
 
 
-def test_trainval_is_voc_train_and_val_with_vocs_own_masks(voc_root: Path, tmp_path: Path) -> None:
-    lists = voc_root / "VOCdevkit/VOC2012/ImageSets/Segmentation"
+def test_trainval_is_train_aug_and_val(voc_root: Path) -> None:
     found = voc.discover(voc_root, "trainval")
+    parts = {split: {s.key: s.label_path for s in voc.discover(voc_root, split).samples} for split in ("train_aug", "val")}
+    assert not parts["train_aug"].keys() & parts["val"].keys()
+    assert {s.key: s.label_path for s in found.samples} == parts["train_aug"] | parts["val"]
+    assert [s.key for s in found.samples] == sorted(s.key for s in found.samples) and not found.rejects
+
+
+def test_voc_trainval_is_voc_train_and_val_with_vocs_own_masks(voc_root: Path, tmp_path: Path) -> None:
+    lists = voc_root / "VOCdevkit/VOC2012/ImageSets/Segmentation"
+    found = voc.discover(voc_root, "voc_trainval")
     keys = [s.key for s in found.samples]
     assert keys == sorted(set(_read_list(lists / "train.txt")) | set(_read_list(lists / "val.txt")))
     assert keys == _read_list(lists / "trainval.txt")  # the devkit's own trainval list
     assert all(s.label_path == voc_root / f"VOCdevkit/VOC2012/SegmentationClass/{s.key}.png" for s in found.samples)
-    report = shard_split("voc", voc_root, "trainval", tmp_path, shard_size=4, show_progress=False)
+    report = shard_split("voc", voc_root, "voc_trainval", tmp_path, shard_size=4, show_progress=False)
     assert report.samples == found.listed == 8 and not report.rejects
 
 

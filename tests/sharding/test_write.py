@@ -236,7 +236,7 @@ def test_real_datasets_are_checked_against_the_official_counts(cityscapes_copy: 
     with pytest.raises(DatasetError, match=r"lists 6 images, expected 2975 \(the official count of the full "
                                            r"cityscapes release\)"):
         shard_split("cityscapes", cityscapes_copy, "train", tmp_path / "out", show_progress=False)
-    assert voc.OFFICIAL_COUNTS == {"train_aug": 10582, "val": 1449, "train": 1464, "trainval": 2913, "test": 1456}
+    assert voc.OFFICIAL_COUNTS == {"train_aug": 10582, "val": 1449, "train": 1464, "trainval": 12031, "voc_trainval": 2913, "test": 1456}
     assert cityscapes.OFFICIAL_COUNTS == {"train": 2975, "val": 500, "test": 1525}
 
 
