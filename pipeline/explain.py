@@ -30,13 +30,11 @@ A variant without DAFM (``model.variant=sum``) has no alpha, so no alpha.png and
 grids (nothing ranks its channels); one without 2DPAM (``sum``, ``dafm``) has no beta, so no
 beta.png. What is missing is said in :attr:`ExplainReport.missing`, not raised.
 
-Normalisation and palette: a checkpoint (file, folder, Ray Train run folder) carries its
-training config and dataset metadata, so the image is normalised with its ``data.mean`` /
-``data.std`` and coloured with its palette and class names. A model loaded from MLflow (run
-id, ``models:/``, ``runs:/``) comes back without them: the image is then normalised with the
-ImageNet statistics (``pipeline.config.IMAGENET_MEAN`` / ``IMAGENET_STD``, every preset's
-default) and coloured with the VOC colour map (:func:`sharding.classes.voc_colormap`), and
-the report says so.
+Normalisation and palette: what the model was trained with, from its checkpoint's config and
+dataset metadata, or from the metadata its MLflow model was logged with
+(:func:`pipeline.evaluate.load_model`); models logged before the mean/std were recorded fall
+back to ImageNet's statistics (every preset's), and a model with no palette is coloured with
+the VOC colour map (:func:`sharding.classes.voc_colormap`). The report says which.
 
 The model takes any input size (the trunk has output stride 32; DAFM and the head resize
 with bilinear interpolation), so the image is neither padded nor cropped; ``size`` resizes it
@@ -49,7 +47,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -59,10 +57,13 @@ from PIL import Image, UnidentifiedImageError
 from torch import nn
 from torch.nn import functional as F
 
-from pipeline.config import IMAGENET_MEAN, IMAGENET_STD, Config
+from pipeline.config import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.transforms import EvalTransform
 from pipeline.visualize import BETA_COLORMAP, colorize
 from sharding.classes import voc_colormap
+
+if TYPE_CHECKING:
+    from pipeline.evaluate import LoadedModel
 
 DPI = 100  # figure sizes below are multiples of 1/4 inch: exact pixel sizes
 TILE_WIDTH_IN = 2.0  # one channel map of a grid
@@ -121,17 +122,17 @@ def load_image(path: str | Path, size: tuple[int, int] | None = None) -> np.ndar
         raise ExplainError(f"{path} is not an image Pillow can read (expected PNG or JPG): {exc}") from None
 
 
-def context_from_checkpoint(state: dict[str, Any]) -> ModelContext:
-    """Normalisation from the checkpoint's ``config.data``; palette and names from its ``dataset``."""
-    cfg = Config.from_dict(state["config"])
-    dataset = state.get("dataset", {})
-    palette = dataset.get("palette")
-    names = dataset.get("class_names")
+def context_of(loaded: LoadedModel) -> ModelContext:
+    """Normalisation, palette and class names a trained model came with (its checkpoint's config and
+    dataset, or its MLflow model's metadata; see :func:`pipeline.evaluate.load_model`)."""
+    palette = loaded.dataset.get("palette")
+    names = loaded.dataset.get("class_names")
     return ModelContext(
-        mean=tuple(cfg.data.mean), std=tuple(cfg.data.std),  # type: ignore[arg-type]
+        mean=tuple(float(v) for v in loaded.mean), std=tuple(float(v) for v in loaded.std),  # type: ignore[arg-type]
         palette=tuple(tuple(int(v) for v in c) for c in palette) if palette else None,
         class_names=tuple(str(n) for n in names) if names else None,
-        source="the checkpoint's config (data.mean/std) and dataset (palette, class names)",
+        source=f"{loaded.source}: its mean/std" + (", palette and class names" if palette else
+                                                   "; no palette recorded, the VOC colour map"),
     )
 
 
@@ -428,15 +429,10 @@ def explain_reference(reference: str, image_path: str | Path, out_dir: str | Pat
                       size: tuple[int, int] | None = None, channels: int = 4,
                       tracking_uri: str | None = None) -> ExplainReport:
     """``run.py explain``: load the model ``reference`` names (any form
-    :func:`pipeline.evaluate.load_any_model` takes) and :func:`explain` one image file."""
-    from pipeline.checkpoint import load_checkpoint
-    from pipeline.evaluate import load_any_model
+    :func:`pipeline.evaluate.load_model` takes) and :func:`explain` one image file."""
+    from pipeline.evaluate import load_model
 
     image = load_image(image_path, size)  # before the model: a wrong path fails fast
-    model, source = load_any_model(reference, tracking_uri)
-    if Path(source).exists():  # a checkpoint: its config and dataset metadata
-        context = context_from_checkpoint(load_checkpoint(source))
-    else:
-        context = ModelContext(source=f"{source} is an MLflow model, which carries no config: "
-                                      "ImageNet mean/std and the VOC colour map")
+    loaded = load_model(reference, tracking_uri)
+    model, context = loaded.model, context_of(loaded)
     return explain(model, image, out_dir, context, channels)

@@ -116,7 +116,7 @@ def test_explain_writes_the_models_own_attention(full_checkpoint: Path, image_fi
     assert _size(out / "alpha.png") == (1000, 700)
     assert _size(out / "channels_low.png") == _size(out / "channels_high.png") == (k * 200, 350)
     assert _size(out / "beta.png") == (900, 350)
-    assert "checkpoint's config" in printed and "not written" not in printed
+    assert "its mean/std, palette and class names" in printed and "not written" not in printed
     assert str(out / "attention.npz") in printed
 
 
