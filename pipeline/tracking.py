@@ -194,18 +194,31 @@ def child_runs(uri: str, experiment: str, parent_run_id: str) -> list[ChildRun]:
     return [ChildRun(r.info.run_id, r.info.status, dict(r.data.tags)) for r in found]
 
 
-def log_model(uri: str, run_id: str, model: torch.nn.Module, num_classes: int, code_path: str | Path,
-              metadata: dict[str, Any] | None = None) -> str:
-    """Log an eval-mode, logits-only model with a signature free in batch, height and width.
+def model_signature(num_classes: int) -> ModelSignature:
+    """float32 images (B, 3, H, W) -> float32 logits (B, K, H, W), free in batch, height and width.
 
-    Pickle serialisation with the ``models`` package bundled as code, so the model loads as
-    a full ``nn.Module`` (``mlflow.pytorch.load_model``) without this project installed.
-    Returns the model URI and records it on the run (tag ``dfdam.model_uri``).
+    The input tensor is unnamed on purpose: MLflow's generic interface
+    (``mlflow.pyfunc.load_model(...).predict``, ``mlflow models serve``) then hands a float32
+    array, or the JSON ``{"inputs": [...]}`` / ``{"instances": [...]}`` nested list cast to
+    float32, to the model as one tensor and returns its logits as an array. A named input
+    makes pyfunc wrap the array in a dict, which the PyTorch flavour refuses (``TypeError``).
     """
-    signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, -1, -1), "image")]),
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, -1, -1))]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, num_classes, -1, -1), "logits")]),
     )
+
+
+def log_model(uri: str, run_id: str, model: torch.nn.Module, num_classes: int, code_path: str | Path,
+              metadata: dict[str, Any] | None = None) -> str:
+    """Log an eval-mode, logits-only model with :func:`model_signature`.
+
+    Pickle serialisation with the ``models`` package bundled as code, so the model loads as
+    a full ``nn.Module`` (``mlflow.pytorch.load_model``) without this project installed, and
+    through ``mlflow.pyfunc`` / ``mlflow models serve`` as images in, logits out.
+    Returns the model URI and records it on the run (tag ``dfdam.model_uri``).
+    """
+    signature = model_signature(num_classes)
     mlflow.set_tracking_uri(uri)
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pytorch.log_model(

@@ -94,6 +94,14 @@ SLOW_TESTS = {
     "tests/pipeline/test_evaluate.py::test_the_result_is_logged_to_the_models_run_under_the_protocols_name":
         "an MLflow store and a logged model (10 s)",
     "tests/pipeline/test_resume.py": "DF-DAM trained for 8 epochs in the test process (11 s)",
+    "tests/pipeline/test_serving.py::test_pyfunc_predict_returns_the_logits":
+        "a DF-DAM-R18 logged and registered in a SQLite MLflow store (the module's fixture), then loaded "
+        "through pyfunc (7 s; 25-30 s while other jobs load the 2 cores)",
+    "tests/pipeline/test_serving.py::test_pytorch_flavour_returns_the_module":
+        "the registered DF-DAM-R18 loaded twice through mlflow.pytorch (1 s, plus the fixture when run alone)",
+    "tests/pipeline/test_serving.py::test_served_model_answers_json_with_the_logits":
+        "`mlflow models serve` started in a subprocess, asked twice over HTTP and stopped (25 s; 50-70 s "
+        "under load)",
     "tests/sharding/test_shard_cli.py::test_make_synthetic_shard_and_verify":
         "run.py make-synthetic, shard and shard verify in subprocesses (5 s)",
     "tests/sharding/test_shard_cli.py::test_voc_shard_reports_rejects": "run.py shard in subprocesses (3 s)",
