@@ -459,6 +459,65 @@ def _cmd_shard(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    from pipeline.export import DEFAULT_ATOL, DEFAULT_SAMPLE_SIZE, FORMATS
+
+    p = sub.add_parser(
+        "export",
+        help="write a trained model as ONNX or TorchScript, checked against PyTorch",
+        description=(
+            "Export a trained model (normalised image batch B x 3 x H x W -> logits B x K x H x W, "
+            "batch, height and width dynamic) as ONNX (torch.onnx's torch.export-based exporter) or "
+            "TorchScript (torch.jit.trace). The file is then run, ONNX in onnxruntime on the CPU, on "
+            "two inputs: batch 1 at --sample-size and batch 2 at half that size plus one pixel; the "
+            "largest absolute difference from the PyTorch model's logits is printed for each. The "
+            "file is kept only when both are within --atol: otherwise the command exits with 1 and "
+            "writes nothing (an older file at --out stays as it was). --model takes what "
+            "`run.py evaluate` takes: a checkpoint file or folder, a Ray Train run folder (its newest "
+            "checkpoint), an MLflow run id or an MLflow model URI such as models:/dfdam-synthetic@champion."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", required=True, help="checkpoint, run folder, MLflow run id or models:/ URI")
+    p.add_argument("--format", required=True, choices=FORMATS,
+                   help="onnx: one .onnx file (weights inside); torchscript: a torch.jit archive (.pt)")
+    p.add_argument("--out", required=True, metavar="FILE", help="file to write (its folder must exist)")
+    p.add_argument("--sample-size", default=DEFAULT_SAMPLE_SIZE, metavar="HxW",
+                   help="size of the first checked input, also the example the exporter traces (at least 64x64); "
+                        "the exported graph stays dynamic")
+    p.add_argument("--atol", type=float, default=DEFAULT_ATOL,
+                   help="largest absolute logit difference accepted: float32 rounding gives ~1e-5, "
+                        "a wrong graph 0.1 and more")
+    p.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    p.set_defaults(func=_cmd_export)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from pipeline.export import ExportCheckError, export_reference, format_checks
+    from sharding.text import parse_size
+
+    try:
+        height, width = parse_size(args.sample_size, minimum=64)
+    except ValueError as exc:
+        raise SystemExit(f"run.py export: --sample-size: {exc}") from None
+    if not args.atol >= 0:
+        raise SystemExit(f"run.py export: --atol must be >= 0, got {args.atol}")
+    print(f"exporting {args.model} as {args.format}, checked at {height}x{width} ...", flush=True)
+    try:
+        report, source = export_reference(args.model, args.format, args.out, height, width,
+                                          atol=args.atol, tracking_uri=args.tracking_uri)
+    except ExportCheckError as exc:
+        if exc.checks:
+            print(format_checks(exc.checks))
+        print(f"run.py export: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"model: {source}\n{report.detail}\n")
+    print(report.table)
+    size_mb = report.path.stat().st_size / 2**20
+    print(f"\nwrote {report.path} ({size_mb:.1f} MiB) in {report.seconds:.1f} s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="run.py",
@@ -475,6 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(sub)
     _add_explain(sub)
     _add_tune(sub)
+    _add_export(sub)
     return parser
 
 
