@@ -267,14 +267,28 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
             "lambda_s ~ uniform[0, 0.5], lr ~ loguniform[lr/10, 10 lr]. MLflow: one parent run per "
             "search, one child run per trial; the best finished trial's model is registered as "
             "dfdam-<dataset> and gets the alias 'champion' if it beats the current champion on the "
-            "same validation data."
+            "same validation data. The paper's ablation (section 4.2, Tables 1-2): --grid "
+            "model.variant=sum,dafm,dafm+2dpam trains every variant (and every value of each other --grid "
+            "field) at the preset's lambdas and lr, to the end (Tune's basic variant generator, no early "
+            "stopping), prints them as the paper's tables with the paper's mIoU beside, and registers "
+            "nothing unless --register-as names a model."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     _add_config_args(p)
-    p.add_argument("--trials", type=int, default=8, help="number of trials")
-    p.add_argument("--scheduler", default="asha", choices=["asha", "fifo"], help="early stopping (asha) or none")
-    p.add_argument("--search", default="optuna", choices=["optuna", "random"], help="search algorithm")
+    # No argparse defaults for these three: they depend on --grid (pipeline.search_space.resolve_settings).
+    p.add_argument("--trials", type=int, default=argparse.SUPPRESS,
+                   help="number of trials (default 8); with --grid, samples per grid point (default 1; more "
+                        "only with a sampled --space dimension: for repeats, add --grid train.seed=0,1,2)")
+    p.add_argument("--scheduler", choices=["asha", "fifo"], default=argparse.SUPPRESS,
+                   help="early stopping (asha, the default) or none (fifo, the only one with --grid)")
+    p.add_argument("--search", choices=["optuna", "random"], default=argparse.SUPPRESS,
+                   help="search algorithm (default optuna; with --grid random, Tune's basic variant generator)")
+    p.add_argument("--grid", action="append", default=[], metavar="FIELD=V1,V2,...",
+                   help="run every value of a config field, e.g. model.variant=sum,dafm,dafm+2dpam or "
+                        "model.backbone=resnet18,resnet50 (values parsed by the field's type; separate them with "
+                        "';' when they hold commas); with a grid, lambda_c, lambda_s and lr stay at the preset's "
+                        "values unless --space names them (repeatable: the grids' product is run)")
     p.add_argument("--max-concurrent", type=int, default=1, help="trials running at once")
     p.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers of each trial")
     p.add_argument("--space", action="append", default=[], metavar="NAME=KIND:LOW:HIGH",
@@ -284,7 +298,8 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--space-file", help='JSON file: {"lr": {"type": "loguniform", "low": 1e-3, "high": 1e-1}, ...}')
     p.add_argument("--name", help="search name (default: tune-<preset>-<timestamp>)")
     p.add_argument("--resume", action="store_true", help="continue the search --name where it stopped")
-    p.add_argument("--register-as", help="registered model name (default: dfdam-<dataset>)")
+    p.add_argument("--register-as",
+                   help="registered model name (default: dfdam-<dataset>; with --grid: none, nothing registered)")
     p.add_argument("--seed", type=int, default=0, help="search algorithm seed")
     p.set_defaults(func=_cmd_tune)
 
@@ -292,17 +307,19 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
 def _cmd_tune(args: argparse.Namespace) -> int:
     import time
 
-    from pipeline.search_space import parse_space
+    from pipeline.search_space import parse_grid, parse_space, resolve_settings
     from pipeline.trials import print_result
     from pipeline.tune import SearchInterrupted, SearchSettings, search
 
     if args.resume and not args.name:
         raise SystemExit("run.py tune: --resume needs --name NAME of the search to continue")
     cfg = _config_from_args(args)
-    space = parse_space(cfg, args.space, args.space_file)
+    space = parse_space(cfg, args.space, args.space_file, grid=parse_grid(cfg, args.grid))
+    trials, scheduler, search_alg = resolve_settings(space, getattr(args, "trials", None),
+                                                     getattr(args, "scheduler", None), getattr(args, "search", None))
     settings = SearchSettings(
         name=args.name or f"tune-{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}",
-        trials=args.trials, scheduler=args.scheduler, search=args.search,
+        trials=trials, scheduler=scheduler, search=search_alg,
         max_concurrent=args.max_concurrent, workers_per_trial=args.workers_per_trial, seed=args.seed,
     )
     try:

@@ -5,6 +5,10 @@ The best *finished* trial's model becomes a new version of the registered model
 validation data it was measured on. It takes the alias ``champion`` only if it beats the
 current champion on the same data: a champion measured on other data is measured again on
 this validation split first, so two numbers from different data are never compared.
+
+A search with a grid (the paper's ablation, ``run.py tune --grid``) registers nothing unless
+it is given a model name: it compares variants, often on a short budget, and its best
+trial is no candidate for ``champion`` of the models the plain searches register.
 """
 from __future__ import annotations
 
@@ -26,6 +30,14 @@ def validation_fingerprint(manifest: Manifest) -> str:
     for row in sorted(table, key=lambda r: r["key"]):
         digest.update(f"{row['key']}:{row['image_sha256']}:{row['label_sha256']}\n".encode())
     return digest.hexdigest()
+
+
+def registry_name(dataset: str, register_as: str | None, grid: bool) -> str | None:
+    """The registered model a search's best trial goes to: ``register_as``, else
+    ``dfdam-<dataset>``; for a search with a grid only ``register_as`` (None: register nothing)."""
+    if register_as:
+        return register_as
+    return None if grid else f"dfdam-{dataset}"
 
 
 def register_best(rows: list[TrialRow], uri: str, model_name: str, cfg: Config,

@@ -3,7 +3,8 @@
 Tune's view of a trial decides its outcome (finished, stopped early by the scheduler, or
 error); a trial's MLflow run that says otherwise (Tune may stop a trial right after its last
 report, while it closes its own run) is corrected here, so no run stays RUNNING forever.
-The search's table, figure and totals go to the parent run and to the console.
+The search's table, figure and totals go to the parent run and to the console; a search
+with a grid also gets its ablation table (``pipeline/ablation.py``).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ METRIC, MODE = "val_miou", "max"  # what a search maximises: the validation mIoU
 @dataclass(frozen=True)
 class TrialRow:
     trial_id: str
-    params: dict[str, float]
+    params: dict[str, float | str]  # sampled values as numbers, grid values as their text
     epochs: int
     val_miou: float
     best_val_miou: float
@@ -40,6 +41,8 @@ class SearchResult:
     registered: dict[str, Any] | None
     wall_s: float
     grid_epochs: int
+    grid: list[str] = dataclasses.field(default_factory=list)  # the parameters given as a grid
+    ablation: str = ""  # the grid's table beside the paper's (pipeline/ablation.py), if a grid
 
     @property
     def stopped_early(self) -> int:
@@ -79,7 +82,7 @@ def collect_rows(results, max_epochs: int, uri: str, experiment: str, parent_run
             tracking.end_run(uri, child.run_id, expected)
         rows.append(TrialRow(
             trial_id=trial_id,
-            params={n: float(result.config[n]) for n in names if n in (result.config or {})},
+            params={n: _param(result.config[n]) for n in names if n in (result.config or {})},
             epochs=epochs,
             val_miou=float(metrics.get(METRIC, float("nan"))),
             best_val_miou=float(metrics.get("best_val_miou", float("nan"))),
@@ -90,9 +93,18 @@ def collect_rows(results, max_epochs: int, uri: str, experiment: str, parent_run
     return rows
 
 
+def _param(value: Any) -> float | str:
+    """A trial's value of a parameter: a grid's text as it is, a sampled number as a float."""
+    return value if isinstance(value, str) else float(value)
+
+
+def _cell(value: float | str) -> str:
+    return value if isinstance(value, str) else f"{value:.4g}"
+
+
 def trials_table(rows: list[TrialRow], names: list[str]) -> str:
     header = ["trial", *names, "epochs", "val mIoU", "best mIoU", "status"]
-    body = [[r.trial_id, *(f"{r.params.get(n, float('nan')):.4g}" for n in names), str(r.epochs),
+    body = [[r.trial_id, *(_cell(r.params.get(n, float("nan"))) for n in names), str(r.epochs),
              f"{r.val_miou:.4f}", f"{r.best_val_miou:.4f}", r.status] for r in rows]
     return format_table(header, body, align="l" * len(header))
 
@@ -105,8 +117,13 @@ def log_search(result: SearchResult) -> None:
     uri, run_id = result.tracking_uri, result.parent_run_id
     tracking.log_text(uri, run_id, trials_table(result.rows, names), "search/trials.txt")
     tracking.log_json(uri, run_id, [dataclasses.asdict(r) for r in result.rows], "search/trials.json")
-    tracking.log_figure(uri, run_id, search_figure([(r.params, r.best_val_miou, r.status) for r in result.rows], names),
-                        "search/miou_vs_params.png")
+    numeric = [n for n in names if all(not isinstance(r.params.get(n), str) for r in result.rows)]
+    if numeric:  # a grid's values (variants, backbones) are in the ablation table instead
+        tracking.log_figure(uri, run_id,
+                            search_figure([(r.params, r.best_val_miou, r.status) for r in result.rows], numeric),
+                            "search/miou_vs_params.png")
+    if result.ablation:
+        tracking.log_text(uri, run_id, result.ablation, "search/ablation.txt")
     tracking.log_metrics(uri, run_id, {
         "trials": len(result.rows), "trials_stopped_early": result.stopped_early, "trial_epochs": result.trial_epochs,
         "grid_epochs": result.grid_epochs, "wall_s": result.wall_s,
@@ -121,6 +138,12 @@ def print_result(result: SearchResult) -> None:
           f"scheduler, {result.trial_epochs} trial-epochs run of {result.grid_epochs} for every trial run to the end, "
           f"{result.wall_s:.0f} s\n")
     print(trials_table(result.rows, result.names))
+    if result.ablation:
+        print(f"\nablation over {', '.join(result.grid)} (the paper's section 4.2, Tables 1-2):\n")
+        print(result.ablation)
+    if result.grid and not result.registered:
+        print("\nregistered nothing: a search with a grid is a comparison, not a candidate for the champion "
+              "(pass --register-as NAME to register its best model)")
     if result.registered:
         reg = result.registered
         verdict = f"now {reg['alias']}" if reg["champion"] else f"{reg['alias']} unchanged (it scores at least as high)"

@@ -4,11 +4,14 @@ The paper fixed lambda_c = 0.4 and lambda_s = 0.1 by hand (Eq. 12). Here each Tu
 is one distributed Ray Train run (the Train V2 pattern: a Tune function, :func:`run_trial`,
 builds a ``TorchTrainer`` named after its trial id, with ``TuneReportCallback`` forwarding
 the per-epoch validation mIoU), ASHA stops weak trials early, and Optuna's TPE proposes
-the next point, starting from the paper's values. MLflow holds one parent run per search
-and one child run per trial. The space is ``pipeline/search_space.py``; the trials' rows
-and report ``pipeline/trials.py``; the registry policy ``pipeline/champion.py``. The
-console shows one line per trial result and the final table; Tune's own output stays in
-its log files.
+the next point, starting from the paper's values. A space with a grid (the paper's
+ablation, section 4.2: ``--grid model.variant=sum,dafm,dafm+2dpam``) is run point by point
+instead, by Tune's basic variant generator and without early stopping, and reported as the
+paper's Tables 1-2 (``pipeline/ablation.py``). MLflow holds one parent run per search and
+one child run per trial. The space is ``pipeline/search_space.py``; the trials' rows and
+report ``pipeline/trials.py``; the registry policy ``pipeline/champion.py``. The console
+shows one line per trial result and the final table; Tune's own output stays in its log
+files.
 """
 from __future__ import annotations
 
@@ -26,11 +29,13 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import tracking
-from pipeline.champion import register_best
+from pipeline.ablation import ablation_table
+from pipeline.champion import register_best, registry_name
 from pipeline.cluster import check_resources, connect_ray, environment
-from pipeline.config import Config, ConfigError, apply_overrides, with_values
+from pipeline.config import Config, ConfigError, apply_overrides
 from pipeline.console import trial_line
-from pipeline.search_space import Dimension, paper_point
+from pipeline.search_space import (GRID, Dimension, check_grid, grid_points, has_grid, paper_point,
+                                   resolve_settings, trial_config)
 from pipeline.train import absolute_paths, check_inputs, make_trainer, worker_resources
 from pipeline.trials import METRIC, MODE, SearchResult, close_running_children, collect_rows, log_search
 
@@ -44,9 +49,9 @@ class SearchInterrupted(RuntimeError):
 @dataclass(frozen=True)
 class SearchSettings:
     name: str
-    trials: int
-    scheduler: str  # asha | fifo
-    search: str  # optuna | random
+    trials: int  # with a grid: samples per grid point (pipeline.search_space.resolve_settings)
+    scheduler: str  # asha | fifo (fifo with a grid)
+    search: str  # optuna | random (random with a grid: Tune's basic variant generator)
     max_concurrent: int
     workers_per_trial: int
     seed: int = 0
@@ -55,14 +60,14 @@ class SearchSettings:
 # ----------------------------------------------------------------------------- the trial
 
 
-def run_trial(params: dict[str, Any], *, base: dict[str, Any], keys: dict[str, str], tracking_uri: str,
+def run_trial(params: dict[str, Any], *, base: dict[str, Any], space: dict[str, Dimension], tracking_uri: str,
               experiment: str, parent_run_id: str) -> None:
     """One Tune trial = one Ray Train run named after the trial id (so a restart resumes it)."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     trial_id = ray.tune.get_context().get_trial_id()
-    cfg = with_values(Config.from_dict(base), {keys[n]: v for n, v in params.items()})
+    cfg = trial_config(Config.from_dict(base), space, params)
     name = f"train-trial_id={trial_id}"
     run_id = tracking.start_run(
         tracking_uri, experiment, name, cfg.flat(),
@@ -92,7 +97,8 @@ def search(cfg: Config, settings: SearchSettings, space: dict[str, Dimension], *
     cfg = absolute_paths(cfg)
     if not resume:
         _save(storage, cfg, settings, space)
-    print(f"{'resuming' if resume else 'searching'} {settings.name}: {settings.trials} trials of {cfg.train.epochs} "
+    trials = settings.trials * grid_points(space)
+    print(f"{'resuming' if resume else 'searching'} {settings.name}: {trials} trials of {cfg.train.epochs} "
           f"epochs ({settings.max_concurrent} at once) over {', '.join(d.describe() for d in space.values())}; "
           f"Ray's and Tune's own output: {ray_logs}", flush=True)
 
@@ -112,13 +118,18 @@ def search(cfg: Config, settings: SearchSettings, space: dict[str, Dimension], *
             close_running_children(uri, experiment, parent_run_id)
             ended = results.num_terminated + results.num_errors
             raise SearchInterrupted(
-                f"search {settings.name!r} was interrupted ({ended} of {settings.trials} trials had ended); its "
+                f"search {settings.name!r} was interrupted ({ended} of {trials} trials had ended); its "
                 f"state is saved. Continue it with: python run.py tune --resume --name {settings.name} "
                 f"--data {cfg.data.shards} --storage {storage}")
         rows = collect_rows(results, cfg.train.epochs, uri, experiment, parent_run_id, list(space))
-        registered = register_best(rows, uri, register_as or f"dfdam-{cfg.dataset}", cfg, val_manifest)
+        model_name = registry_name(cfg.dataset, register_as, has_grid(space))
+        registered = register_best(rows, uri, model_name, cfg, val_manifest) if model_name else None
+        grid = [d for d in space.values() if d.kind == GRID]
+        ablation = (ablation_table(rows, grid, dataset=cfg.dataset, backbone=cfg.model.backbone,
+                                   variant=cfg.model.variant, epochs=cfg.train.epochs) if grid else "")
         result = SearchResult(settings.name, list(space), parent_run_id, uri, rows, registered,
-                              time.perf_counter() - started, grid_epochs=len(rows) * cfg.train.epochs)
+                              time.perf_counter() - started, grid_epochs=len(rows) * cfg.train.epochs,
+                              grid=[d.name for d in grid], ablation=ablation)
         log_search(result)
     return result
 
@@ -178,8 +189,11 @@ def _saved_or_new(storage: Path, cfg: Config, settings: SearchSettings, space: d
         raise ConfigError("--scheduler takes asha|fifo and --search optuna|random")
     if not space:
         raise ConfigError("the search space is empty")
+    resolve_settings(space, settings.trials, settings.scheduler, settings.search)  # a grid: random, fifo
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, workers=settings.workers_per_trial))
-    return apply_overrides(cfg, []), settings, space  # validated (batch divisible by the new worker count)
+    cfg = apply_overrides(cfg, [])  # validated (batch divisible by the new worker count)
+    check_grid(cfg, space)
+    return cfg, settings, space
 
 
 def _save(storage: Path, cfg: Config, settings: SearchSettings, space: dict[str, Dimension]) -> None:
@@ -224,7 +238,7 @@ def _trainable(cfg: Config, space: dict[str, Dimension], uri: str, experiment: s
     import ray
     from ray import tune
 
-    fn = tune.with_parameters(run_trial, base=cfg.to_dict(), keys={n: d.key for n, d in space.items()},
+    fn = tune.with_parameters(run_trial, base=cfg.to_dict(), space=space,
                               tracking_uri=uri, experiment=experiment, parent_run_id=parent_run_id)
     driver = ({TRIAL_DRIVER_RESOURCE: 0.01} if ray.cluster_resources().get(TRIAL_DRIVER_RESOURCE)
               else {"CPU": 0.01})
@@ -244,11 +258,12 @@ def _search_alg(settings: SearchSettings, cfg: Config, space: dict[str, Dimensio
 
 
 def to_param_space(space: dict[str, Dimension]) -> dict[str, Any]:
-    """Tune's sampling domains for a space."""
+    """Tune's sampling domains for a space; a grid is ``tune.grid_search`` (every value, each
+    sample: ``num_samples`` = ``settings.trials`` samples per grid point)."""
     from ray import tune
 
     kinds = {"uniform": lambda d: tune.uniform(d.low, d.high), "loguniform": lambda d: tune.loguniform(d.low, d.high),
-             "choice": lambda d: tune.choice(list(d.values))}
+             "choice": lambda d: tune.choice(list(d.values)), GRID: lambda d: tune.grid_search(list(d.values))}
     return {name: kinds[d.kind](d) for name, d in space.items()}
 
 
