@@ -34,6 +34,11 @@ How each format is made, and why:
   silenced below) is frozen to the general branch, which is correct for every size as
   above.
 
+Both files carry what a user of the bare file needs beside it (:func:`model_metadata`: the
+mean/std to normalise with, the class names, the palette, where the model came from): in ONNX
+as the model's ``metadata_props`` (``onnxruntime``: ``session.get_modelmeta().custom_metadata_map``),
+in TorchScript as the extra file ``dfdam.json`` (``torch.jit.load(path, _extra_files=...)``).
+
 Neither claim is taken on trust: :func:`export_model` runs the exported file (ONNX in
 onnxruntime's ``CPUExecutionProvider``) on two input shapes, the sample (batch 1, H x W)
 and batch 2 at an odd size (H/2+1) x (W/2+1), not a multiple of the trunk's stride 32,
@@ -44,6 +49,7 @@ failed export leaves nothing behind (nor touches an older file at the target).
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -58,6 +64,8 @@ from sharding.text import format_table
 if TYPE_CHECKING:  # torch is imported where it is used, so that `run.py --help` reads FORMATS without it
     import torch
     from torch import nn
+
+    from pipeline.evaluate import LoadedModel
 
 FORMATS = ("onnx", "torchscript")
 DEFAULT_SAMPLE_SIZE = "256x512"  # H x W: Cityscapes' 2:1 aspect at a size a CPU checks in a second
@@ -122,7 +130,18 @@ def sample_input(shape: Sequence[int]) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(SAMPLE_SEED))
 
 
-def export_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> str:
+METADATA_FILE = "dfdam.json"  # TorchScript's extra file holding model_metadata
+
+
+def model_metadata(loaded: LoadedModel) -> dict[str, str]:
+    """Strings to embed in an exported file: normalisation, classes, palette, source (JSON values)."""
+    values = {"mean": list(loaded.mean), "std": list(loaded.std), "source": loaded.source,
+              **{k: loaded.dataset[k] for k in ("dataset", "num_classes", "class_names", "palette", "ignore_index")
+                 if k in loaded.dataset}}
+    return {key: json.dumps(value) for key, value in values.items()}
+
+
+def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, metadata: dict[str, str] | None = None) -> str:
     """Write ``model`` as ONNX with dynamic batch, height and width (see the module doc); returns a summary."""
     import onnx
     import torch
@@ -136,6 +155,9 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> str:
         raise RuntimeError("torch.onnx.export returned no ONNX program")
     program.save(str(path), external_data=False)
     proto = onnx.load(str(path), load_external_data=False)
+    if metadata:
+        onnx.helper.set_model_props(proto, {**{p.key: p.value for p in proto.metadata_props}, **metadata})
+        onnx.save(proto, str(path))
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
 
     def dims_of(value) -> str:
@@ -145,7 +167,8 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> str:
             f"{OUTPUT_NAME} ({dims_of(proto.graph.output[0])})")
 
 
-def export_torchscript(model: nn.Module, example: torch.Tensor, path: Path) -> str:
+def export_torchscript(model: nn.Module, example: torch.Tensor, path: Path,
+                       metadata: dict[str, str] | None = None) -> str:
     """Write ``torch.jit.trace(model)`` (see the module doc for why a trace stays shape-generic)."""
     import torch
 
@@ -157,7 +180,7 @@ def export_torchscript(model: nn.Module, example: torch.Tensor, path: Path) -> s
         with torch.no_grad():
             traced = torch.jit.trace(model, (example,), check_trace=False)
             classes = model(example).shape[1]
-    traced.save(str(path))
+    traced.save(str(path), _extra_files={METADATA_FILE: json.dumps(metadata or {})})
     return f"TorchScript (torch.jit.trace), {INPUT_NAME} (Bx3xHxW) -> {OUTPUT_NAME} (Bx{classes}xHxW)"
 
 
@@ -228,7 +251,7 @@ def format_checks(checks: Sequence[ShapeCheck]) -> str:
 
 
 def export_model(model: nn.Module, fmt: str, out: str | Path, shapes: Sequence[tuple[int, int, int, int]],
-                 atol: float = DEFAULT_ATOL) -> ExportReport:
+                 atol: float = DEFAULT_ATOL, metadata: dict[str, str] | None = None) -> ExportReport:
     """Export ``model`` (eval mode, (B,3,H,W) -> (B,K,H,W)) as ``fmt`` to ``out``, checked on ``shapes``.
 
     The model is exported on the first shape's sample; :class:`ExportCheckError` (and no file
@@ -248,7 +271,7 @@ def export_model(model: nn.Module, fmt: str, out: str | Path, shapes: Sequence[t
     model = model.eval()
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
-        detail = exporter(model, sample_input(shapes[0]), tmp)
+        detail = exporter(model, sample_input(shapes[0]), tmp, metadata)
         checks = compare(model, runner(tmp), shapes, atol)
         failed = [c for c in checks if not c.ok]
         if failed:
@@ -268,8 +291,10 @@ def export_model(model: nn.Module, fmt: str, out: str | Path, shapes: Sequence[t
 def export_reference(reference: str, fmt: str, out: str | Path, height: int, width: int,
                      atol: float = DEFAULT_ATOL, tracking_uri: str | None = None) -> tuple[ExportReport, str]:
     """:func:`export_model` for a model named as ``run.py evaluate`` names one
-    (:func:`pipeline.evaluate.load_any_model`); also returns where the model was read from."""
-    from pipeline.evaluate import load_any_model
+    (:func:`pipeline.evaluate.load_model`), its :func:`model_metadata` embedded; also returns
+    where the model was read from."""
+    from pipeline.evaluate import load_model
 
-    model, source = load_any_model(reference, tracking_uri)
-    return export_model(model, fmt, out, check_shapes(height, width), atol), source
+    loaded = load_model(reference, tracking_uri)
+    report = export_model(loaded.model, fmt, out, check_shapes(height, width), atol, model_metadata(loaded))
+    return report, loaded.source

@@ -2,6 +2,7 @@
 checked before they are kept, and nothing written when the check fails."""
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -14,8 +15,8 @@ import run
 from models import build_dfdam
 from pipeline.checkpoint import save_checkpoint
 from pipeline.config import build_config
-from pipeline.evaluate import load_any_model
-from pipeline.export import (DEFAULT_ATOL, ExportCheckError, check_shapes, export_model, sample_input,
+from pipeline.evaluate import load_any_model, load_model
+from pipeline.export import (DEFAULT_ATOL, METADATA_FILE, ExportCheckError, check_shapes, export_model, sample_input,
                              torchscript_runner)
 
 HEIGHT, WIDTH = 64, 96
@@ -126,8 +127,12 @@ def test_cli_onnx_export_prints_the_check_and_runs_in_onnxruntime(checkpoint: Pa
             for v in (proto.graph.input[0], proto.graph.output[0])]
     assert dims == [["batch", 3, "height", "width"], ["batch", NUM_CLASSES, "height", "width"]]
 
-    # The file alone, in onnxruntime, on a third batch and size.
+    # The file alone, in onnxruntime, on a third batch and size; it says how to normalise its input.
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    meta = {k: json.loads(v) for k, v in session.get_modelmeta().custom_metadata_map.items()}
+    loaded = load_model(str(checkpoint))
+    assert (meta["mean"], meta["std"]) == (list(loaded.mean), list(loaded.std))
+    assert meta["class_names"] == [f"c{i}" for i in range(NUM_CLASSES)] and meta["num_classes"] == NUM_CLASSES
     x = sample_input(THIRD)
     got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     expected = _pytorch(checkpoint, x).numpy()
@@ -143,6 +148,9 @@ def test_cli_torchscript_export(checkpoint: Path, tmp_path: Path, capsys: pytest
     diffs = _printed_diffs(printed)
     assert set(diffs) == {"1x3x64x96", "2x3x33x49"} and all(d <= ATOL for d in diffs.values()), printed
     assert out.is_file() and "TorchScript" in printed
+    extra = {METADATA_FILE: ""}
+    torch.jit.load(str(out), _extra_files=extra)
+    assert json.loads(extra[METADATA_FILE])["palette"] == json.dumps([[i * 40, 0, 0] for i in range(NUM_CLASSES)])
 
 
 def test_cli_failed_check_exits_1_and_leaves_no_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
