@@ -201,6 +201,71 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    from pipeline.predict import FILES_PER_TASK, FORMATS, VOC_COMPETITIONS
+
+    p = sub.add_parser(
+        "predict",
+        help="segmentation files for an image, a folder of images or a shard split (Cityscapes / VOC server formats)",
+        description=(
+            "Predict with a trained model (what `run.py evaluate` takes: a checkpoint file or folder, a Ray "
+            "Train run folder, an MLflow run id or a models:/ URI) and write, for every image <name>, into "
+            "--out: <name>_trainid.png (train ids, 8-bit grey, the image's size), <name>_color.png (in the "
+            "dataset's palette; the VOC colour map if the model records none) and <name>_overlay.png (the "
+            "colours over the image). --input is one image, a folder of images (PNG/JPG, subfolders kept: "
+            "<name> is the path below --input with the stem, a trailing _leftImg8bit removed) or a shard "
+            "folder (the --split's samples; <name> is the sample key; unlabelled test splits too). "
+            "--format cityscapes adds cityscapes_results/<name>_leftImg8bit.png with Cityscapes label ids "
+            "(not train ids), what csEvalPixelLevelSemanticLabeling (CITYSCAPES_RESULTS=<out>/cityscapes_results) "
+            "and the test server read. --format voc adds results/VOC2012/Segmentation/<comp>_<split>_cls/<id>.png, "
+            "palette PNGs of class ids, the VOC devkit's layout for the evaluation server. Predictions as "
+            "evaluate makes them (--ms --flip: the paper's test protocol; --mode slide). Images are read one "
+            "at a time and batched by size (never padded); --workers N runs groups of "
+            f"{FILES_PER_TASK} files (or one shard) as Ray tasks that write straight into --out, which on a "
+            "multi-node cluster must be a folder every node reaches (NFS). Files are written atomically; a "
+            "re-run overwrites them."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", required=True, help="checkpoint, run folder, MLflow run id or models:/ URI")
+    p.add_argument("--input", required=True, metavar="IMAGE|DIR|SHARD_DIR",
+                   help="an image file, a folder of images, or a folder written by `run.py shard`")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for the files (created if needed)")
+    p.add_argument("--format", default="plain", choices=FORMATS,
+                   help="plain: the three PNGs per image; cityscapes / voc: also the benchmark server's files")
+    p.add_argument("--split", default="val",
+                   help="the split to read from a SHARD_DIR; with --format voc also the results folder's name "
+                        "(<comp>_<split>_cls: test for the server)")
+    p.add_argument("--voc-competition", default="comp6", choices=VOC_COMPETITIONS,
+                   help="VOC results folder: comp5 for a model trained on VOC 2012 trainval alone, comp6 for "
+                        "any other training data (SBD's train_aug, ImageNet weights)")
+    _add_inference_args(p)
+    p.add_argument("--batch-size", type=int, default=1, metavar="N",
+                   help="consecutive images of one size predicted together")
+    p.add_argument("--workers", type=int, default=0, metavar="N",
+                   help="Ray workers to spread the images over (0: predict in this process)")
+    p.add_argument("--gpu", action="store_true", help="predict on GPUs (one per Ray worker, or this process's)")
+    p.add_argument("--address", help="Ray cluster to join with --workers (default: $RAY_ADDRESS, else a local cluster)")
+    p.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_predict)
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from pipeline.predict import PredictError, predict
+
+    try:
+        report = predict(args.model, args.input, args.out, split=args.split, format=args.format,
+                         settings=_inference_from_args(args), batch_size=args.batch_size, workers=args.workers,
+                         gpu=args.gpu, address=args.address, tracking_uri=args.tracking_uri,
+                         voc_competition=args.voc_competition, show_progress=not args.no_progress)
+    except PredictError as exc:
+        print(f"run.py predict: error: {exc}", file=sys.stderr)
+        return 2
+    print(report.summary())
+    return 0
+
+
 def _add_explain(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "explain",
@@ -549,6 +614,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_profile(sub)
     _add_train(sub)
     _add_evaluate(sub)
+    _add_predict(sub)
     _add_explain(sub)
     _add_tune(sub)
     _add_export(sub)

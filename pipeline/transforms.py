@@ -209,6 +209,12 @@ class EvalTransform:
     def __repr__(self) -> str:
         return f"EvalTransform(mean={self.mean}, std={self.std})"
 
+    def image(self, image: np.ndarray) -> torch.Tensor:
+        """The image alone, normalised: uint8 (H, W, 3) RGB -> float32 (3, H, W), as :meth:`__call__`
+        normalises it (prediction has no label)."""
+        _check_image(image, "EvalTransform")
+        return _to_normalised(image, self._scale, self._bias)
+
     def __call__(
         self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,6 +22,7 @@ from sharding.classes import IGNORE_INDEX
 TITLE_HEIGHT = 16  # pixels of the title bar above each tile of prediction_panel
 GAP = 4  # white pixels between tiles of prediction_panel
 BETA_COLORMAP = "inferno"
+OVERLAY_ALPHA = 0.5  # weight of the class colour over the image in overlay
 
 
 def _as_numpy(array: Any) -> np.ndarray:
@@ -60,6 +61,32 @@ def colorize(
         raise ValueError(f"colorize: label values {np.unique(lab[bad])[:10].tolist()} have no colour in a {k}-colour palette")
     lut = np.concatenate([pal, np.asarray(ignore_color).reshape(1, 3)]).astype(np.uint8)  # (K + 1, 3), row K = ignore
     return lut[np.where(valid, lab, k)]  # (H, W) -> (H, W, 3)
+
+
+def overlay(
+    image_rgb: np.ndarray,
+    label: np.ndarray,
+    palette: Sequence[Sequence[int]],
+    ignore_index: int = IGNORE_INDEX,
+    alpha: float = OVERLAY_ALPHA,
+) -> np.ndarray:
+    """The colourised ``label`` (:func:`colorize`) blended over ``image_rgb``, uint8 RGB ``(H, W, 3)``.
+
+    Per pixel ``((256 - w) * image + w * colour + 128) // 256`` with ``w = round(256 * alpha)``:
+    integer arithmetic, so the same inputs give the same bytes on every machine. Pixels of
+    ``ignore_index`` show the image alone.
+    """
+    image = _as_numpy(image_rgb)
+    _check_rgb(image, "image_rgb", "overlay")
+    lab = _as_numpy(label)
+    if lab.shape != image.shape[:2]:
+        raise ValueError(f"overlay: label is {lab.shape}, image is {image.shape[:2]}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"overlay: alpha must be in [0, 1], got {alpha}")
+    weight = round(256 * alpha)
+    colour = colorize(lab, palette, ignore_index).astype(np.uint16)
+    blended = ((256 - weight) * image.astype(np.uint16) + weight * colour + 128) >> 8
+    return np.where((lab == ignore_index)[..., None], image, blended.astype(np.uint8))
 
 
 def heatmap(values: np.ndarray, size: tuple[int, int] | None = None, colormap: str = BETA_COLORMAP) -> np.ndarray:

@@ -49,6 +49,27 @@ def train_id_lut() -> np.ndarray:
     return lut
 
 
+def label_id_lut() -> np.ndarray:
+    """A 256-entry uint8 lookup table: train id -> Cityscapes label id, the inverse of
+    :func:`train_id_lut` on the 19 train ids (train id 0 'road' -> label id 7, ..., 18
+    'bicycle' -> 33), from the same official table.
+
+    The official evaluation (``cityscapesscripts.evaluation.evalPixelLevelSemanticLabeling``)
+    and the test server read predictions as label ids, not train ids. Every other entry
+    (the ignore index 255 included) maps to 0, 'unlabeled', which the evaluation does not score.
+    """
+    lut = np.zeros(256, dtype=np.uint8)
+    seen: dict[int, int] = {}
+    for label in _LABELS:
+        if 0 <= label.id < 256 and 0 <= label.trainId < IGNORE_INDEX:
+            if label.trainId in seen:
+                raise RuntimeError(f"cityscapesscripts gives train id {label.trainId} to label ids "
+                                   f"{seen[label.trainId]} and {label.id}: no inverse")
+            seen[label.trainId] = label.id
+            lut[label.trainId] = label.id
+    return lut
+
+
 _LUT = train_id_lut()
 _VALID = np.zeros(256, dtype=bool)
 _VALID[sorted(label_ids())] = True
