@@ -625,7 +625,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean bad input: printed as one clear line, no traceback."""
     errors: list[type[BaseException]] = [FileNotFoundError, FileExistsError, NotADirectoryError, ConnectionError]
     for module, name in (("pipeline.config", "ConfigError"), ("sharding.manifest", "ManifestError"),
-                         ("pipeline.tracking", "TrackingError"), ("pipeline.cluster", "ResourceError")):
+                         ("pipeline.tracking", "TrackingError"), ("pipeline.evaluate", "EvaluationError"),
+                         ("pipeline.cluster", "ResourceError")):
         mod = sys.modules.get(module)
         if mod is not None:
             errors.append(getattr(mod, name))

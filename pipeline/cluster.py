@@ -1,6 +1,6 @@
 """Join a Ray cluster or start a local one; refuse what the cluster cannot hold.
 
-Ray calls live here, in ``pipeline/train.py`` and in ``pipeline/tune.py`` only.
+Ray calls live here, in ``pipeline/train.py``, ``worker.py``, ``tune.py`` and ``ray_map.py`` only.
 
 Every failure to join or start a cluster is raised as :class:`ConnectionError` (``run.py``
 prints it as one line), and the checks below fail in about a second where ``ray.init``

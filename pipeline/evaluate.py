@@ -33,6 +33,10 @@ from sharding.manifest import Manifest, read_manifest
 from sharding.text import bar_disabled
 
 
+class EvaluationError(ValueError):
+    """A model and data that cannot be evaluated together, or data that disagrees with its manifest."""
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable, num_classes: int, device: torch.device,
              ignore_index: int = IGNORE_INDEX, settings: InferenceConfig = InferenceConfig()) -> torch.Tensor:
@@ -210,7 +214,7 @@ def evaluate_model(reference: str, shards: str | Path, split: str = "val", data:
     loaded = load_model(reference, tracking_uri)
     num_classes = int(loaded.dataset.get("num_classes", manifest.num_classes))
     if num_classes != manifest.num_classes:
-        raise ValueError(f"{loaded.source} predicts {num_classes} classes, but split {split!r} of {shards} "
+        raise EvaluationError(f"{loaded.source} predicts {num_classes} classes, but split {split!r} of {shards} "
                          f"has {manifest.num_classes} ({manifest.dataset}): evaluate it on the data it was trained for")
     cfg = data or DataConfig(eval_batch_size=1, loader_workers=0, mean=loaded.mean, std=loaded.std)
     jobs = [ShardJob(str(shard), cfg, settings, manifest.num_classes, manifest.ignore_index)
@@ -230,7 +234,7 @@ def evaluate_model(reference: str, shards: str | Path, split: str = "val", data:
         results = ((i, evaluate_shard(model, job, device)) for i, job in enumerate(jobs))
     for index, (shard_cm, shard_images) in results:
         if shard_images != counts[index]:
-            raise ValueError(f"{jobs[index].shard}: read {shard_images} images, the manifest records {counts[index]}")
+            raise EvaluationError(f"{jobs[index].shard}: read {shard_images} images, the manifest records {counts[index]}")
         cm += shard_cm
         images += shard_images
         bar.update(shard_images)

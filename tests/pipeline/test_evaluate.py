@@ -13,7 +13,7 @@ from pipeline import tracking
 from pipeline.checkpoint import build_model, save_checkpoint
 from pipeline.config import PAPER_EVAL_SCALES, InferenceConfig
 from pipeline.data import eval_loader
-from pipeline.evaluate import evaluate, evaluate_model, load_model
+from pipeline.evaluate import EvaluationError, evaluate, evaluate_model, load_model
 from pipeline.loop import dataset_info
 from sharding.manifest import read_manifest
 
@@ -89,3 +89,42 @@ def test_the_result_is_logged_to_the_models_run_under_the_protocols_name(checkpo
     # The MLflow model predicts what the checkpoint predicts.
     direct = evaluate_model(str(checkpoint), tiny_shards, "val", log=False, settings=MS_FLIP)
     assert torch.equal(report.matrix, direct.matrix)
+
+
+def test_command_line_protocol_flags_become_the_inference_settings() -> None:
+    import run
+
+    def settings(*flags: str) -> InferenceConfig:
+        return run._inference_from_args(run.build_parser().parse_args(["evaluate", "--model", "m", "--data", "d", *flags]))
+
+    assert settings() == InferenceConfig()
+    assert settings("--ms", "--flip") == InferenceConfig(scales=PAPER_EVAL_SCALES, flip=True)
+    assert settings("--scales", "0.75,1.25") == InferenceConfig(scales=(0.75, 1.25))
+    assert settings("--mode", "slide", "--crop", "512x1024", "--stride", "256x512") == InferenceConfig(
+        mode="slide", crop=(512, 1024), stride=(256, 512))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--mode", "slide"], "needs inference.crop"),
+    (["--mode", "slide", "--crop", "64x64", "--stride", "96x96"], "must not exceed inference.crop"),
+    (["--scales", "1,zero"], "expected float"),
+])
+def test_bad_protocol_flags_are_one_clear_line(flags: list[str], message: str, checkpoint: Path, tiny_shards: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    import run
+
+    assert run.main(["evaluate", "--model", str(checkpoint), "--data", str(tiny_shards), *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.startswith("run.py evaluate: error:") and "Traceback" not in err
+
+
+def test_a_model_for_other_classes_is_refused(tiny_shards: Path, tmp_path: Path) -> None:
+    from tests.conftest import _tiny_config
+
+    cfg = _tiny_config(tiny_shards, tmp_path)
+    manifest = read_manifest(tiny_shards, "val")
+    info = {**dataset_info(manifest), "num_classes": 21}
+    path = save_checkpoint(tmp_path / "voc", model=build_model(cfg.model, 21, pretrained=False), optimizer=None,
+                           scaler=None, epoch=0, step=0, config=cfg, dataset=info, metrics={})
+    with pytest.raises(EvaluationError, match="predicts 21 classes, but split 'val'.* has 19"):
+        evaluate_model(str(path), tiny_shards, "val", log=False)
