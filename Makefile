@@ -24,7 +24,8 @@ test-fast: $(STAMP)
 
 # The whole mission on the built-in synthetic dataset, in ./demo: generate it (once), shard
 # it, train with 2 Ray workers (MLflow run + checkpoints), evaluate, then a small Ray Tune
-# search whose winner is registered as dfdam-synthetic@champion.
+# search whose winner is registered as dfdam-synthetic@champion, evaluated as trained (one scale) and as
+# the paper evaluates (section 4.4: seven scales and flips, spread over 2 Ray workers).
 DEMO := demo
 RUN_NAME := $(shell date +%Y%m%d-%H%M%S)
 DEMO_PY := ../$(PY) ../run.py
@@ -38,6 +39,7 @@ demo: $(STAMP)
 	cd $(DEMO) && $(DEMO_PY) tune --preset synthetic --data shards --trials 4 --epochs 4 --max-concurrent 2 \
 		--workers-per-trial 1 --name tune-$(RUN_NAME)
 	cd $(DEMO) && $(DEMO_PY) evaluate --model models:/dfdam-synthetic@champion --data shards
+	cd $(DEMO) && $(DEMO_PY) evaluate --model models:/dfdam-synthetic@champion --data shards --ms --flip --workers 2
 	@echo
 	@echo "Look at the runs:  cd $(DEMO) && ../$(PY) -m mlflow ui --backend-store-uri sqlite:///$$(pwd)/$(DEMO)/mlflow.db"
 

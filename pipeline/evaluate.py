@@ -9,6 +9,7 @@ an MLflow model URI (``models:/dfdam-synthetic@champion``, ``runs:/<id>/model``)
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
 from collections.abc import Iterable, Iterator
@@ -31,6 +32,9 @@ from pipeline.metrics import ConfusionMeter, format_iou_table, iou_per_class, me
 from sharding.classes import IGNORE_INDEX
 from sharding.manifest import Manifest, read_manifest
 from sharding.text import bar_disabled
+
+
+log = logging.getLogger(__name__)
 
 
 class EvaluationError(ValueError):
@@ -219,6 +223,10 @@ def evaluate_model(reference: str, shards: str | Path, split: str = "val", data:
     cfg = data or DataConfig(eval_batch_size=1, loader_workers=0, mean=loaded.mean, std=loaded.std)
     jobs = [ShardJob(str(shard), cfg, settings, manifest.num_classes, manifest.ignore_index)
             for shard in manifest.shards]
+    if workers > len(jobs):
+        log.warning("split %r has %d shard(s), so only %d of the %d workers have work (one task per shard, "
+                    "each shard read once): write it with a smaller `run.py shard --shard-size` to spread it wider",
+                    split, len(jobs), len(jobs), workers)
     counts = list(manifest.shard_counts)
     cm = torch.zeros(manifest.num_classes, manifest.num_classes, dtype=torch.int64)
     images = 0
