@@ -4,13 +4,9 @@ from __future__ import annotations
 import pytest
 
 
-@pytest.fixture(scope="package")
+@pytest.fixture(scope="session")
 def ray_cluster():
-    """One local Ray cluster (2 CPUs) for every test of this folder that needs one, stopped when
-    the folder's tests end: left running, its 20 idle processes (raylet, GCS, dashboard, agents,
-    idle workers) took ~6 s of CPU a minute from the tests after it (the GPU check's smoke, the
-    README's pipeline), which start clusters of their own. ``package`` scope needs this folder's
-    ``__init__.py``: in a folder without one, pytest treats it as ``session``."""
+    """One local Ray cluster (2 CPUs) for every test that needs one."""
     import os
 
     import ray
