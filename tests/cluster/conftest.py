@@ -313,6 +313,12 @@ def client_env(token: str) -> dict[str, str]:
         "RAY_USAGE_STATS_ENABLED": "0",
         # Ray Train gives a worker group 60 s to start; a loaded 2-core machine can need more.
         "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300",
+        # The GCS declares a node dead after health_check_failure_threshold (5) failed checks,
+        # health_check_period_ms apart (Ray's default 3 s: 15 s after the loss; the fault tests
+        # lose a node twice and wait for that each time). 1 s apart: ~5 s. Each check still
+        # waits health_check_timeout_ms (10 s) for an answer, so a live node slowed by a loaded
+        # machine is no likelier to be declared dead; a killed one refuses at once.
+        "RAY_health_check_period_ms": "1000",
         "PATH": os.pathsep.join([str(Path(PYTHON).parent), env.get("PATH", "")]),
         "PYTHONUNBUFFERED": "1",
     })
