@@ -43,7 +43,6 @@ first.
 from __future__ import annotations
 
 import io
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +59,7 @@ from torch.nn import functional as F
 from pipeline.config import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.transforms import EvalTransform
 from pipeline.visualize import BETA_COLORMAP, colorize
+from sharding.atomic import atomic_write_bytes
 from sharding.classes import voc_colormap
 
 if TYPE_CHECKING:
@@ -306,15 +306,6 @@ def beta_figure(image: np.ndarray, beta_image: np.ndarray) -> Figure:
 # ----------------------------------------------------------------------------- files
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _npz(arrays: dict[str, np.ndarray]) -> bytes:
     buf = io.BytesIO()
     np.savez(buf, **arrays)
@@ -416,7 +407,7 @@ def explain(model: nn.Module, image: np.ndarray, out_dir: str | Path, context: M
     out.mkdir(parents=True, exist_ok=True)
     for name in FILES:
         if name in files:
-            _write_atomic(out / name, files[name])
+            atomic_write_bytes(out / name, files[name])
             report.written.append(out / name)
         elif (out / name).exists():
             (out / name).unlink()
