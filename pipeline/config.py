@@ -59,7 +59,8 @@ class DataConfig:
     scales: tuple[float, ...] = PAPER_TRAIN_SCALES  # random scale set
     batch_size: int = 8  # global batch, split evenly across workers
     eval_batch_size: int = 1  # per worker
-    loader_workers: int = 2  # data-loading processes per training worker
+    loader_workers: int = -1  # data-loading processes per training worker; -1: see loader_workers()
+    prefetch_batches: int = 2  # batches each loading process keeps ready
     shuffle_buffer: int = 64  # samples
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
@@ -349,6 +350,8 @@ def validate(config: Config) -> Config:
         (config.train.epochs >= 1, "train.epochs must be at least 1"),
         (config.train.workers >= 1, "train.workers must be at least 1"),
         (config.train.max_failures >= -1, "train.max_failures must be -1 (no limit) or at least 0"),
+        (config.data.loader_workers >= -1, "data.loader_workers must be -1 (from train.cpus_per_worker) or at least 0"),
+        (config.data.prefetch_batches >= 1, "data.prefetch_batches must be at least 1"),
         (config.data.batch_size >= config.train.workers, "data.batch_size (global) must be at least train.workers"),
         (config.data.batch_size % config.train.workers == 0, "data.batch_size must be divisible by train.workers"),
         (all(s > 0 for s in config.data.scales), "data.scales must be positive"),
@@ -359,6 +362,17 @@ def validate(config: Config) -> Config:
         if not ok:
             raise ConfigError(f"{message} (got {_describe(config)})")
     return config
+
+
+def loader_workers(config: Config) -> Config:
+    """``config`` with ``data.loader_workers`` resolved: -1 becomes one loading process per CPU a
+    training worker holds beyond the one its training loop runs on (``train.cpus_per_worker - 1``),
+    at least 1. A GPU worker given 8 CPUs gets 7 processes decoding and augmenting for it.
+    """
+    if config.data.loader_workers >= 0:
+        return config
+    processes = max(1, config.train.cpus_per_worker - 1)
+    return dataclasses.replace(config, data=dataclasses.replace(config.data, loader_workers=processes))
 
 
 def inference_checks(inference: InferenceConfig) -> list[tuple[bool, str]]:

@@ -79,16 +79,25 @@ class _Augment:
 
 def _collate_train(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
     images, labels = zip(*batch)
-    return torch.stack(images), torch.stack(labels)  # (B, 3, H, W), (B, H, W)
+    return torch.stack(images), torch.stack(labels)  # uint8 (B, H, W, 3), uint8 (B, H, W)
 
 
 def train_loader(
-    manifest: Manifest, cfg: DataConfig, *, rank: int, world_size: int, epoch: int, seed: int = 0
+    manifest: Manifest, cfg: DataConfig, *, rank: int, world_size: int, epoch: int, seed: int = 0,
+    pin_memory: bool = False,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Endless resampled stream for one rank, cut at :func:`steps_per_epoch` batches.
 
-    Each rank gets ``cfg.batch_size // world_size`` samples a step.
+    Each rank gets ``cfg.batch_size // world_size`` samples a step, as uint8 batches
+    ``(B, H, W, 3)`` images and ``(B, H, W)`` labels (see :class:`TrainTransform`): the
+    training loop normalises them on its device (:func:`~pipeline.transforms.normalize_batch`).
+    ``cfg.loader_workers`` processes decode and augment (0: this process), each keeping
+    ``cfg.prefetch_batches`` batches ready; ``pin_memory`` (for a GPU) puts the batches in
+    page-locked memory so the copy to the device can overlap the step.
     """
+    if cfg.loader_workers < 0:
+        raise ValueError(f"data.loader_workers = {cfg.loader_workers}: resolve it first "
+                         "(pipeline.config.loader_workers gives the processes for train.cpus_per_worker)")
     per_rank = cfg.batch_size // world_size
     steps = steps_per_epoch(manifest, cfg.batch_size)
     transform = TrainTransform(cfg.crop_size, cfg.scales, cfg.mean, cfg.std)
@@ -101,8 +110,9 @@ def train_loader(
         wds.map(_Augment(transform, seed, epoch, rank)),
         wds.batched(per_rank, collation_fn=_collate_train, partial=False),
     )
+    extra = {"prefetch_factor": cfg.prefetch_batches} if cfg.loader_workers > 0 else {}
     loader = wds.WebLoader(pipeline, batch_size=None, num_workers=cfg.loader_workers,
-                           persistent_workers=False, pin_memory=False)
+                           persistent_workers=False, pin_memory=pin_memory, **extra)
     return loader.with_epoch(steps)
 
 
@@ -176,5 +186,5 @@ def shard_loader(shards: list[str], cfg: DataConfig) -> Iterator[tuple[torch.Ten
         wds.map(_EvalDecode(EvalTransform(cfg.mean, cfg.std))),
         batch_by_size(cfg.eval_batch_size),
     )
-    workers = min(cfg.loader_workers, len(shards))
+    workers = min(max(0, cfg.loader_workers), len(shards))
     return wds.WebLoader(pipeline, batch_size=None, num_workers=workers)

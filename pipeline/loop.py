@@ -21,6 +21,7 @@ from pipeline.checkpoint import build_model
 from pipeline.config import Config, LossConfig
 from pipeline.losses import joint_loss
 from pipeline.optim import PolySchedule, build_optimizer, set_lr
+from pipeline.transforms import normalize_batch
 from sharding.manifest import Manifest
 
 
@@ -106,6 +107,9 @@ def train_one_epoch(
 ) -> dict[str, float]:
     """One pass of ``steps`` SGD steps with the poly LR (per iteration) and Eq. 12's loss.
 
+    ``batches`` yields :func:`~pipeline.data.train_loader`'s uint8 ``(B, H, W, 3)`` images and
+    ``(B, H, W)`` labels; they are copied to ``device`` and normalised there.
+
     Returns the epoch's mean losses (joint and its three parts), the last learning rate, the
     images per second of this process, and ``data_wait_share``: the share of the epoch spent
     waiting for the loader, so a starved GPU shows in the metrics. ``progress`` is called
@@ -126,7 +130,9 @@ def train_one_epoch(
             break
         waited += time.perf_counter() - fetch
         step += 1
+        # uint8 crosses to the device (a quarter of float32's bytes); normalised there.
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        images, labels = normalize_batch(images, cfg.data.mean, cfg.data.std), labels.long()
         lr = set_lr(optimizer, schedule, epoch * steps + step - 1)
         try:
             loss, parts = train_step(model, images, labels, optimizer, scaler, cfg.loss, amp_dtype)

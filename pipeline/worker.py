@@ -26,7 +26,7 @@ import models
 from models import LogitsOnly
 from pipeline import tracking
 from pipeline.checkpoint import build_model, load_checkpoint, save_checkpoint
-from pipeline.config import Config
+from pipeline.config import Config, loader_workers
 from pipeline.data import eval_loader, steps_per_epoch, train_loader
 from pipeline.evaluate import epoch_metrics, evaluate, prediction_overlays
 from pipeline.loop import TrainingState, average_buffers, dataset_info, setup_training, train_one_epoch
@@ -73,7 +73,7 @@ def _set_up(loop_config: dict[str, Any]) -> WorkerJob:
     import ray.train
     import ray.train.torch
 
-    cfg = Config.from_dict(loop_config["config"])
+    cfg = loader_workers(Config.from_dict(loop_config["config"]))  # -1: from train.cpus_per_worker
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # Ray Train's per-report lines stay out of the logs
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
@@ -148,7 +148,7 @@ def _train_and_evaluate(job: WorkerJob, run: TrainingState, ddp_model: nn.Module
 
     cfg, device = job.cfg, job.device
     loader = train_loader(job.train_manifest, cfg.data, rank=job.rank, world_size=job.world, epoch=epoch,
-                          seed=cfg.train.seed)
+                          seed=cfg.train.seed, pin_memory=device.type == "cuda")
     stats = train_one_epoch(ddp_model, loader, run.optimizer, cfg, epoch=epoch, steps=job.steps, schedule=run.schedule,
                             device=device, scaler=run.scaler,
                             progress=lambda p: job.post({"kind": "step", **p}))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.config import Config, ConfigError, build_config, preset, with_values
+from pipeline.config import Config, ConfigError, build_config, loader_workers, preset, with_values
 
 
 def test_presets_carry_the_papers_hyper_parameters() -> None:
@@ -71,3 +71,20 @@ def test_typed_values_are_set_without_text_in_between() -> None:
         with_values(cfg, {"loss.lamda_c": 0.3})
     with pytest.raises(ConfigError, match="must be >= 0"):
         with_values(cfg, {"loss.lambda_s": -0.1})
+
+
+@pytest.mark.parametrize(("cpus", "overrides", "expected"), [
+    (1, [], 1), (8, [], 7), (2, [], 1), (8, ["data.loader_workers=3"], 3), (8, ["data.loader_workers=0"], 0),
+])
+def test_loader_workers_follow_the_training_workers_cpus(cpus: int, overrides: list[str], expected: int) -> None:
+    cfg = build_config("cityscapes", [f"train.cpus_per_worker={cpus}", *overrides])
+    resolved = loader_workers(cfg)
+    assert resolved.data.loader_workers == expected
+    assert resolved.train == cfg.train and resolved.model == cfg.model  # nothing else moves
+
+
+def test_loader_settings_are_checked() -> None:
+    with pytest.raises(ConfigError, match="data.loader_workers"):
+        build_config("cityscapes", ["data.loader_workers=-2"])
+    with pytest.raises(ConfigError, match="data.prefetch_batches"):
+        build_config("cityscapes", ["data.prefetch_batches=0"])

@@ -34,8 +34,8 @@ def test_every_rank_runs_the_same_number_of_steps(tiny_shards: Path, data_cfg: D
         batches = list(train_loader(manifest, cfg, rank=rank, world_size=world, epoch=0, seed=0))
         counts.append(len(batches))
         for images, labels in batches:
-            assert images.shape == (cfg.batch_size // world, 3, 48, 64) and images.dtype == torch.float32
-            assert labels.shape == (cfg.batch_size // world, 48, 64) and labels.dtype == torch.int64
+            assert images.shape == (cfg.batch_size // world, 48, 64, 3) and images.dtype == torch.uint8
+            assert labels.shape == (cfg.batch_size // world, 48, 64) and labels.dtype == torch.uint8
             values = set(labels.unique().tolist())
             assert values <= set(range(manifest.num_classes)) | {255}
     assert counts == [expected] * world

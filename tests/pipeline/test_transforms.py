@@ -14,7 +14,11 @@ from pipeline.transforms import (
     EvalTransform,
     TrainTransform,
     denormalize,
+    nearest_indices,
+    normalize_batch,
 )
+
+MEAN_COLOUR = [124, 116, 104]  # round(255 * IMAGENET_MEAN)
 
 
 def _random_pair(rng: np.random.Generator, h: int, w: int, values: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
@@ -44,8 +48,8 @@ def test_crop_size_is_exact_and_types_are_right(size: tuple[int, int]) -> None:
     transform = TrainTransform(crop_size=(16, 24))
     for _ in range(12):
         img, lab = transform(image, label, rng)
-        assert img.shape == (3, 16, 24) and img.dtype == torch.float32
-        assert lab.shape == (16, 24) and lab.dtype == torch.int64
+        assert img.shape == (16, 24, 3) and img.dtype == torch.uint8
+        assert lab.shape == (16, 24) and lab.dtype == torch.uint8
 
 
 def _observed_scale(transform: TrainTransform, rng: np.random.Generator) -> float:
@@ -79,20 +83,20 @@ def test_flip_moves_image_and_label_together() -> None:
     flips = []
     for _ in range(40):
         img, lab = transform(image, label, rng)
-        pixels = denormalize(img)
+        pixels = img.numpy()
         # Image and label agree pixel by pixel, whichever way the pair went.
-        assert np.array_equal(pixels[..., 0].astype(np.int64), lab.numpy() * 30)
-        if torch.equal(lab, torch.from_numpy(label).long()):
+        assert np.array_equal(pixels[..., 0].astype(np.int64), lab.numpy().astype(np.int64) * 30)
+        if torch.equal(lab, torch.from_numpy(label)):
             flips.append(False)
         else:
-            assert torch.equal(lab, torch.from_numpy(label[:, ::-1].copy()).long())
+            assert torch.equal(lab, torch.from_numpy(label[:, ::-1].copy()))
             flips.append(True)
     assert any(flips) and not all(flips)
 
     no_flip = TrainTransform(crop_size=(h, w), scales=(1.0,), flip=False)
     for _ in range(20):
         _, lab = no_flip(image, label, rng)
-        assert torch.equal(lab, torch.from_numpy(label).long())
+        assert torch.equal(lab, torch.from_numpy(label))
 
 
 def test_image_and_label_stay_aligned_through_scale_crop_and_pad() -> None:
@@ -104,7 +108,7 @@ def test_image_and_label_stay_aligned_through_scale_crop_and_pad() -> None:
     transform = TrainTransform(crop_size=(28, 36))
     for _ in range(30):
         img, lab = transform(image, label, rng)
-        grey = denormalize(img)[..., 1].astype(np.int64)
+        grey = img.numpy()[..., 1].astype(np.int64)
         lab_np = lab.numpy()
         # Away from block borders (5 x 5 neighbourhood of one label, no padding) the
         # bilinear image must show exactly the label's grey; borders may blur.
@@ -112,7 +116,7 @@ def test_image_and_label_stay_aligned_through_scale_crop_and_pad() -> None:
         interior = (windows.min(axis=(2, 3)) == windows.max(axis=(2, 3))) & (lab_np != 255)
         assert interior.sum() >= 50
         assert np.all(np.abs(grey[interior] - (20 + 40 * lab_np[interior])) <= 1)
-        assert torch.all(img[:, torch.from_numpy(lab_np == 255)] == 0)  # padding is 0 after normalisation
+        assert np.all(img.numpy()[lab_np == 255] == MEAN_COLOUR)  # padding is the mean colour
 
 
 def test_random_crop_offsets_vary() -> None:
@@ -130,12 +134,16 @@ def test_padding_uses_ignore_index_in_labels_and_mean_colour_in_images() -> None
     image, label = _random_pair(rng, 5, 7, (0, 1, 2))
     transform = TrainTransform(crop_size=(9, 12), scales=(1.0,), flip=False)
     img, lab = transform(image, label, rng)
-    assert torch.equal(lab[:5, :7], torch.from_numpy(label).long())
+    assert torch.equal(lab[:5, :7], torch.from_numpy(label))
     assert int((lab == 255).sum()) == 9 * 12 - 5 * 7
     assert torch.all(lab[5:, :] == 255) and torch.all(lab[:, 7:] == 255)
-    assert torch.all(img[:, 5:, :] == 0) and torch.all(img[:, :, 7:] == 0)
-    # 0 in normalised space is the mean colour in pixel space: round(255 * mean).
-    assert denormalize(img)[8, 11].tolist() == [124, 116, 104]
+    assert torch.equal(img[:5, :7], torch.from_numpy(image))
+    padded = torch.from_numpy(lab.numpy() == 255)
+    assert img[padded].tolist() == [MEAN_COLOUR] * (9 * 12 - 5 * 7)  # round(255 * mean)
+    # ... which is 0 in normalised space up to uint8 rounding: |round(255 m) - 255 m| / 255 / s.
+    normalised = normalize_batch(img[None])[0]  # (3, 9, 12)
+    bound = max(abs(c - 255 * m) / 255 / s for c, m, s in zip(MEAN_COLOUR, IMAGENET_MEAN, IMAGENET_STD))
+    assert bound <= 0.5 / 255 / min(IMAGENET_STD) and float(normalised[:, padded].abs().max()) <= bound + 1e-6
 
     other = TrainTransform(crop_size=(9, 12), scales=(1.0,), flip=False, ignore_index=250)
     _, lab = other(image, label, rng)
@@ -167,8 +175,9 @@ def test_identity_train_transform_equals_eval_transform() -> None:
     train = TrainTransform(crop_size=(10, 14), scales=(1.0,), flip=False)
     img_t, lab_t = train(image, label, rng)
     img_e, lab_e = EvalTransform()(image, label)
-    assert torch.allclose(img_t, img_e, atol=1e-6)
-    assert torch.equal(lab_t, lab_e)
+    # The same float32 operations in the same order (x * scale + bias): equal, not close.
+    assert torch.equal(normalize_batch(img_t[None])[0], img_e)
+    assert torch.equal(lab_t.long(), lab_e)
 
 
 def test_denormalize_inverts_the_normalisation() -> None:
@@ -219,3 +228,66 @@ def test_bad_configuration_is_rejected() -> None:
         TrainTransform(crop_size=(4, 4), scales=())
     with pytest.raises(ValueError, match="std"):
         TrainTransform(crop_size=(4, 4), std=(0.2, 0.0, 0.2))
+    with pytest.raises(ValueError, match="resize"):
+        TrainTransform(crop_size=(4, 4), resize="both")
+    with pytest.raises(ValueError, match="uint8"):
+        TrainTransform(crop_size=(4, 4), ignore_index=300)
+
+
+def test_normalize_batch_checks_its_input() -> None:
+    with pytest.raises(ValueError, match=r"uint8 \(B, H, W, 3\)"):
+        normalize_batch(torch.zeros((1, 3, 4, 4), dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"uint8 \(B, H, W, 3\)"):
+        normalize_batch(torch.zeros((1, 4, 4, 3)))
+    out = normalize_batch(torch.zeros((2, 4, 5, 3), dtype=torch.uint8))
+    assert out.shape == (2, 3, 4, 5) and out.dtype == torch.float32 and out.is_contiguous()
+
+
+# ----------------------------------------------------------------------------- resizing the window alone
+
+
+def _ties(scaled_positions: np.ndarray, size: int, scaled: int) -> np.ndarray:
+    """Scaled rows/columns whose NEAREST sample falls exactly on a source pixel border."""
+    return (2 * scaled_positions + 1) * size % (2 * scaled) == 0
+
+
+def test_nearest_indices_are_the_exact_rational_floor() -> None:
+    # 4 -> 6 (scale 1.5): samples at (k + 0.5) * 4 / 6 = 1/3, 1, 5/3, 7/3, 3, 11/3.
+    assert nearest_indices(0, 6, 4, 6).tolist() == [0, 1, 1, 2, 3, 3]
+    # A window is a slice of the whole frame's indices, by construction.
+    whole = nearest_indices(0, 700, 400, 700)
+    assert np.array_equal(nearest_indices(123, 45, 400, 700), whole[123:168])
+    assert whole.min() == 0 and whole.max() == 399
+
+
+@pytest.mark.parametrize("scale", PAPER_TRAIN_SCALES)
+def test_window_resize_gives_the_frame_resize_crops(scale: float) -> None:
+    """The fast order (resize the window alone) against the reference order (resize the whole
+    frame with Pillow, then cut), for the same draws: the same crops (scale, offsets, flips), the
+    image within two grey levels (the same bilinear taps, but Pillow takes the box in float32, so a
+    tap weight may move by ~1e-4 and each of its two uint8 passes round one level apart), the label exactly where Pillow's NEAREST has no tie to break, and every remaining
+    difference on a row or column where the sample falls exactly on a pixel border (either pixel
+    is the nearest there)."""
+    rng = np.random.default_rng(10)
+    h, w = 45, 70  # odd sizes: round(s * h) != s * h for some scales
+    image, label = _random_pair(rng, h, w, tuple(range(19)))  # noise: the worst case for the image
+    fast = TrainTransform(crop_size=(32, 48), scales=(scale,))
+    reference = TrainTransform(crop_size=(32, 48), scales=(scale,), resize="frame")
+    for seed in range(25):
+        a, b = np.random.default_rng(seed), np.random.default_rng(seed)
+        crop = fast.draw(h, w, np.random.default_rng(seed))
+        assert crop == reference.draw(h, w, np.random.default_rng(seed))
+        img_f, lab_f = fast(image, label, a)
+        img_r, lab_r = reference(image, label, b)
+        assert a.random() == b.random()  # both drew the same numbers, no more, no less
+        diff = (img_f.int() - img_r.int()).abs()
+        assert int(diff.max()) <= 2 and float(diff.float().mean()) < 0.5
+        differ = lab_f.numpy() != lab_r.numpy()
+        rows, cols = np.nonzero(differ)
+        # Back to scaled-frame coordinates (undo the flip) to find the ties.
+        ch, cw = fast.crop_size
+        cols = (cw - 1 - cols) - (cw - crop.vw) if crop.flip else cols
+        tie = _ties(crop.y0 + rows, h, crop.sh) | _ties(crop.x0 + cols, w, crop.sw)
+        assert tie.all(), f"labels differ off a tie at {list(zip(rows[~tie], cols[~tie]))[:5]}"
+        if scale in (1.0, 2.0):  # no ties at all: exactly Pillow's NEAREST
+            assert not differ.any()
