@@ -134,6 +134,12 @@ def log_metrics_once(uri: str, run_id: str, metrics: dict[str, float], step: int
     return True
 
 
+def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float, int]]:
+    """Run ``run_id``'s values of ``key`` as ``(step, value, timestamp ms)``, by step (benchmarks read
+    per-epoch figures back with it)."""
+    return sorted((m.step, m.value, m.timestamp) for m in MlflowClient(uri).get_metric_history(run_id, key))
+
+
 def log_json(uri: str, run_id: str, data: Any, name: str) -> None:
     MlflowClient(uri).log_dict(run_id, data, name)
 
