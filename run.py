@@ -458,6 +458,7 @@ def _cmd_make_synthetic(args: argparse.Namespace) -> int:
 
 def _add_shard(sub: argparse._SubParsersAction) -> None:
     from sharding.classes import DATASETS
+    from sharding.pixels import DEFAULT_ENCODING, ENCODINGS
 
     p = sub.add_parser(
         "shard",
@@ -498,6 +499,13 @@ def _add_shard(sub: argparse._SubParsersAction) -> None:
                    help="warn and go on when a split's image count differs from the expected one")
     p.add_argument("--strict", action="store_true",
                    help="stop at the first bad sample instead of listing it in <split>.rejects.jsonl")
+    p.add_argument("--image-encoding", choices=ENCODINGS, default=DEFAULT_ENCODING,
+                   help="how images and labels are stored (default: original): original = the image file's "
+                        "bytes and label.png; lz4 = decoded pixels, the image's RGB (as PIL decodes the file) "
+                        "and the train ids, each a .npy in an LZ4 frame (members npy.lz4, label.npy.lz4): "
+                        "lossless, decodes far faster than PNG or JPEG, larger shards (the summary prints "
+                        "their size against the source files'). Re-packing a split with the other encoding "
+                        "rewrites all of its shards")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_shard)
 
@@ -526,7 +534,7 @@ def _cmd_shard(args: argparse.Namespace) -> int:
 
         reports = shard_dataset(args.dataset, args.root, args.out, args.split, shard_size=args.shard_size,
                                 workers=args.workers, partial=args.partial, strict=args.strict,
-                                show_progress=not args.no_progress)
+                                show_progress=not args.no_progress, encoding=args.image_encoding)
     except (DatasetError, SampleError, ManifestError) as exc:
         hint = " (--strict stops at the first bad sample)" if isinstance(exc, SampleError) else ""
         print(f"run.py shard: error: {exc}{hint}", file=sys.stderr)

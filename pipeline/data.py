@@ -34,21 +34,15 @@ IMAGE_EXTENSIONS = ("png", "jpg", "jpeg")
 def decode_sample(sample: dict[str, Any]) -> dict[str, Any]:
     """Raw WebDataset sample -> ``{"key", "image": uint8 HxWx3 RGB, "label": uint8 HxW}``.
 
-    The label PNG holds train ids in one channel; it is read with PIL as it is (never
+    Either image encoding of ``run.py shard`` (the image file with a label PNG of train ids,
+    or ``npy.lz4`` decoded pixels): :func:`sharding.samples.decode_members`, the decoder
+    ``run.py shard verify`` uses too. The label's train ids are read as stored (never
     converted to RGB, never through a generic decoder that would change its values).
     """
+    from sharding.samples import decode_members
+
     key = sample.get("__key__", "?")
-    ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
-    if ext is None or "label.png" not in sample:
-        raise ValueError(f"sample {key!r} from {sample.get('__url__', '?')}: expected an image "
-                         f"({'/'.join(IMAGE_EXTENSIONS)}) and label.png, found {sorted(k for k in sample if not k.startswith('__'))}")
-    image = np.asarray(Image.open(io.BytesIO(sample[ext])).convert("RGB"))
-    label_img = Image.open(io.BytesIO(sample["label.png"]))
-    if label_img.mode not in ("L", "P"):
-        raise ValueError(f"sample {key!r}: label.png must be single-channel (L), got mode {label_img.mode}")
-    label = np.asarray(label_img, dtype=np.uint8)
-    if label.shape != image.shape[:2]:
-        raise ValueError(f"sample {key!r}: image {image.shape[:2]} and label {label.shape} differ in size")
+    image, label = decode_members(sample, key, sample.get("__url__", "?"))
     return {"key": key, "image": image, "label": label}
 
 

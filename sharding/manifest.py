@@ -2,8 +2,8 @@
 
 One file per split, ``<shard_dir>/<split>.manifest.parquet``, one row per sample in
 shard order. Dataset-level facts (classes, palette, the shards with their counts,
-sizes and sha256) live in the Parquet schema metadata under ``dfdam.manifest`` as
-JSON. :func:`read_manifest` checks the file against itself and against the shard
+sizes and sha256, the image encoding) live in the Parquet schema metadata under
+``dfdam.manifest`` as JSON. :func:`read_manifest` checks the file against itself and against the shard
 files on disk, and raises :class:`ManifestError` (naming the file) on any mismatch.
 """
 from __future__ import annotations
@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 from sharding.atomic import atomic_writer
 from sharding.classes import ClassTable
+from sharding.pixels import DEFAULT_ENCODING, ENCODINGS, IMAGE_MEMBER
 
 FORMAT_VERSION = 1
 METADATA_KEY = b"dfdam.manifest"
@@ -28,7 +29,7 @@ REJECTS_SUFFIX = ".rejects.jsonl"
 SCHEMA = pa.schema([
     pa.field("key", pa.string(), nullable=False),
     pa.field("shard", pa.string(), nullable=False),          # file name relative to the shard dir
-    pa.field("image_ext", pa.string(), nullable=False),      # "png" | "jpg": the image's tar member
+    pa.field("image_ext", pa.string(), nullable=False),      # "png" | "jpg" | "npy.lz4": the image's tar member
     pa.field("image_bytes", pa.int64(), nullable=False),
     pa.field("label_bytes", pa.int64(), nullable=False),
     pa.field("image_sha256", pa.string(), nullable=False),
@@ -72,6 +73,9 @@ class Manifest:
         shard_infos: every shard in order with its sample count, byte size and sha256.
         num_rejects: samples left out when the shards were written.
         table: one row per sample, in shard order (see :data:`SCHEMA`).
+        encoding: how images and labels are stored (:data:`sharding.pixels.ENCODINGS`):
+            ``"original"`` (the image file's bytes + ``label.png``; also what a manifest
+            that records none means) or ``"lz4"`` (``npy.lz4`` + ``label.npy.lz4``).
     """
 
     root: Path
@@ -85,6 +89,7 @@ class Manifest:
     shard_infos: list[ShardInfo]
     num_rejects: int
     table: pa.Table
+    encoding: str = DEFAULT_ENCODING
 
     @property
     def num_samples(self) -> int:
@@ -123,9 +128,10 @@ def list_splits(shard_dir: Path) -> list[str]:
 
 
 def build_metadata(*, dataset: str, split: str, classes: ClassTable, shards: Sequence[ShardInfo],
-                   num_samples: int, num_rejects: int) -> dict[str, Any]:
+                   num_samples: int, num_rejects: int, encoding: str = DEFAULT_ENCODING) -> dict[str, Any]:
     """The dataset-level JSON stored in the Parquet schema metadata."""
     return {
+        "encoding": encoding,
         "format_version": FORMAT_VERSION,
         "dataset": dataset,
         "split": split,
@@ -162,8 +168,12 @@ def _check_columns(path: Path, schema: pa.Schema) -> None:
             raise _fail(path, f"column {field.name!r} is {found}, expected {field.type}")
 
 
-def _check_rows(path: Path, table: pa.Table, shards: list[ShardInfo], num_classes: int) -> None:
-    """Rows come in blocks, one per shard in order, of the recorded sizes."""
+def _check_rows(path: Path, table: pa.Table, shards: list[ShardInfo], num_classes: int,
+                encoding: str) -> None:
+    """Rows come in blocks, one per shard in order, of the recorded sizes; every image
+    member is of the recorded encoding."""
+    if encoding not in ENCODINGS:
+        raise _fail(path, f"image encoding {encoding!r}, expected one of {', '.join(ENCODINGS)}")
     names = table.column("shard").to_pylist()
     expected = [s.name for s in shards for _ in range(s.samples)]
     if names != expected:
@@ -177,6 +187,10 @@ def _check_rows(path: Path, table: pa.Table, shards: list[ShardInfo], num_classe
     lengths = pc.list_value_length(table.column("class_pixels"))
     if table.num_rows and (pc.min(lengths).as_py() != num_classes or pc.max(lengths).as_py() != num_classes):
         raise _fail(path, f"class_pixels lists must have num_classes = {num_classes} entries")
+    lz4_rows = pc.sum(pc.equal(table.column("image_ext"), IMAGE_MEMBER)).as_py() or 0
+    if lz4_rows != (table.num_rows if encoding == "lz4" else 0):
+        raise _fail(path, f"records image encoding {encoding!r}, but {lz4_rows} of {table.num_rows} rows have "
+                          f"image_ext {IMAGE_MEMBER}: one split holds one encoding; re-run `run.py shard`")
 
 
 def read_manifest(shard_dir: Path | str, split: str, *, check_files: bool = True) -> Manifest:
@@ -216,7 +230,8 @@ def read_manifest(shard_dir: Path | str, split: str, *, check_files: bool = True
                             num_classes=num_classes, class_names=class_names,
                             ignore_index=int(meta["ignore_index"]), palette=palette,
                             shard_infos=shards, num_rejects=int(meta.get("num_rejects", 0)),
-                            table=table.replace_schema_metadata(None))
+                            table=table.replace_schema_metadata(None),
+                            encoding=meta.get("encoding", DEFAULT_ENCODING))
     except (ValueError, KeyError, TypeError) as exc:
         raise _fail(path, f"malformed metadata ({type(exc).__name__}: {exc})") from None
     if version != FORMAT_VERSION:
@@ -230,7 +245,7 @@ def read_manifest(shard_dir: Path | str, split: str, *, check_files: bool = True
         raise _fail(path, f"{table.num_rows} rows, but the metadata records {meta.get('num_samples')} samples "
                           f"and its shards hold {sum(manifest.shard_counts)}")
     _check_columns(path, table.schema)
-    _check_rows(path, table, shards, num_classes)
+    _check_rows(path, table, shards, num_classes, manifest.encoding)
     if check_files:
         for info in shards:
             shard = root / info.name

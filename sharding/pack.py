@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
 from sharding.atomic import atomic_write_bytes, atomic_writer
+from sharding.pixels import DEFAULT_ENCODING
 from sharding.samples import Reject, SampleError, SourceSample, encode_sample
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ class ShardTask:
     num_classes: int
     strict: bool
     samples: tuple[SourceSample, ...]
+    encoding: str = DEFAULT_ENCODING  # sharding.pixels.ENCODINGS
 
     @property
     def path(self) -> Path:
@@ -130,10 +132,14 @@ def _file_size(path: Path | None) -> int:
 
 
 def task_fingerprint(task: ShardTask) -> str:
-    """A hash of everything a shard depends on: format, names, source paths, sizes, mtimes."""
+    """A hash of everything a shard depends on: format, names, source paths, sizes, mtimes,
+    and the image encoding (so a re-run with the other encoding rewrites every shard; left
+    out for the original encoding, whose fingerprints predate the choice)."""
     entries = [[s.key, s.relative(s.image_path), _stat(s.image_path), s.relative(s.label_path),
                 _stat(s.label_path)] for s in task.samples]
     payload = [INDEX_VERSION, task.dataset, task.split, task.name, task.num_classes, entries]
+    if task.encoding != DEFAULT_ENCODING:
+        payload.append(task.encoding)
     return hashlib.sha256(json.dumps(payload).encode()).hexdigest()
 
 
@@ -180,7 +186,7 @@ def pack_shard(task: ShardTask, progress: Progress | None = None) -> ShardResult
             for sample in task.samples:
                 try:
                     encoded = encode_sample(sample, dataset=task.dataset, split=task.split,
-                                            num_classes=task.num_classes)
+                                            num_classes=task.num_classes, encoding=task.encoding)
                 except SampleError as error:
                     if task.strict:
                         raise
@@ -189,7 +195,7 @@ def pack_shard(task: ShardTask, progress: Progress | None = None) -> ShardResult
                     continue
                 add_sample(tar, encoded.key, encoded.members)
                 rows.append({"shard": task.name, **encoded.row})
-                source_bytes += encoded.row["image_bytes"] + _file_size(sample.label_path)
+                source_bytes += _file_size(sample.image_path) + _file_size(sample.label_path)
                 advance(1)
     result = ShardResult(name=task.name, rows=rows, rejects=rejects, bytes=sink.size,
                          sha256=sink.sha256.hexdigest(), source_bytes=source_bytes)

@@ -1,26 +1,24 @@
 """Re-read every shard and compare it with its manifest, sample by sample.
 
 Checked: each shard's byte size and sha256; the samples it holds, their order and
-their members (``<ext>``, ``label.png``, ``json``); each member's size and sha256; that
-``label.png`` is a single-channel PNG of the recorded size whose per-class pixel
-counts match; and that the ``json`` entry agrees with the row.
+their members (``<ext>``, ``label.png``, ``json``, or ``npy.lz4``, ``label.npy.lz4``,
+``json`` for the lz4 encoding); each member's size and sha256; that image and label
+decode (through :func:`sharding.samples.decode_members`, as the loaders decode them) to
+the recorded size and the label's per-class pixel counts match; and that the ``json`` entry agrees with the row.
 """
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 from sharding.manifest import Manifest, ManifestError, list_splits, read_manifest
-from sharding.samples import class_pixel_counts
+from sharding.samples import class_pixel_counts, decode_members, label_member
 from sharding.pack import file_sha256
 from sharding.text import bar_disabled
 
@@ -63,10 +61,11 @@ def tar_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
 def check_sample(row: dict[str, Any], members: dict[str, bytes], manifest: Manifest) -> list[str]:
     """Problems of one sample's tar members against its manifest row (empty when it matches)."""
     problems: list[str] = []
-    expected = {row["image_ext"], "label.png", "json"}
+    label_name = label_member(manifest.encoding)
+    expected = {row["image_ext"], label_name, "json"}
     if set(members) != expected:
         problems.append(f"members {sorted(members)}, expected {sorted(expected)}")
-    for name, column in ((row["image_ext"], "image"), ("label.png", "label")):
+    for name, column in ((row["image_ext"], "image"), (label_name, "label")):
         data = members.get(name)
         if data is None:
             continue
@@ -74,21 +73,24 @@ def check_sample(row: dict[str, Any], members: dict[str, bytes], manifest: Manif
             problems.append(f"{name} has {len(data)} bytes, the manifest says {row[f'{column}_bytes']}")
         elif hashlib.sha256(data).hexdigest() != row[f"{column}_sha256"]:
             problems.append(f"{name} sha256 differs from the manifest")
-    label = members.get("label.png")
-    if label is not None:
+    if row["image_ext"] in members and label_name in members:
         try:
-            with Image.open(io.BytesIO(label)) as im:
-                mode, size = im.mode, im.size
-                train_ids = np.asarray(im)
-            if mode != "L" or size != (row["width"], row["height"]):
-                problems.append(f"label.png is mode {mode} {size[0]}x{size[1]}, expected mode L "
-                                f"{row['width']}x{row['height']}")
+            image, train_ids = decode_members(members, row["key"])
+        except ValueError as exc:
+            problems.append(f"does not decode ({exc})")
+        else:
+            size = (row["height"], row["width"])
+            if image.shape != (*size, 3) or train_ids.shape != size:
+                problems.append(f"decodes to an image of {image.shape[1]}x{image.shape[0]} and a label of "
+                                f"{train_ids.shape[1]}x{train_ids.shape[0]}, expected {size[1]}x{size[0]}")
             else:
-                counts, ignore = class_pixel_counts(train_ids, manifest.num_classes)
-                if counts != row["class_pixels"] or ignore != row["ignore_pixels"]:
-                    problems.append("label.png class pixel counts differ from the manifest")
-        except Exception as exc:
-            problems.append(f"label.png does not decode ({type(exc).__name__}: {exc})")
+                try:
+                    counts, ignore = class_pixel_counts(train_ids, manifest.num_classes)
+                except ValueError as exc:
+                    problems.append(f"{label_name}: {exc}")
+                else:
+                    if counts != row["class_pixels"] or ignore != row["ignore_pixels"]:
+                        problems.append(f"{label_name} class pixel counts differ from the manifest")
     meta = members.get("json")
     if meta is not None:
         try:

@@ -7,6 +7,12 @@ its shard atomically with a sidecar index, and a re-run re-uses every shard whos
 checksum still verifies, so a killed run resumes where it stopped. The manifest is
 deleted when a split starts and written (atomically) only once every shard is in
 place. The same inputs give byte-identical shards, whatever the number of workers.
+
+The image encoding (:data:`sharding.pixels.ENCODINGS`) is a property of a split:
+``original`` keeps each image file's bytes and a label PNG, ``lz4`` stores decoded
+pixels that load several times faster, in larger shards (``benchmarks/decode_throughput.py``).
+It is part of every shard's fingerprint, so re-packing a split with the other encoding
+rewrites all of its shards and never mixes the two; the manifest records it.
 """
 from __future__ import annotations
 
@@ -30,6 +36,7 @@ from sharding.manifest import (ShardInfo, build_metadata, manifest_path, rejects
                                write_manifest)
 from sharding.marker import read_marker
 from sharding.pack import INDEX_SUFFIX, Progress, ShardResult, ShardTask, pack_shard, pool_init, pool_pack
+from sharding.pixels import DEFAULT_ENCODING, check_encoding
 from sharding.samples import DatasetError, Discovery, Reject, SampleError, SourceSample
 from sharding.text import bar_disabled, format_table
 
@@ -91,14 +98,15 @@ def check_count(dataset: str, root: Path, split: str, found: int, *, partial: bo
 # --------------------------------------------------------------------------- many shards
 
 def plan_shards(samples: Sequence[SourceSample], *, out_dir: Path, dataset: str, split: str,
-                num_classes: int, shard_size: int, strict: bool) -> list[ShardTask]:
+                num_classes: int, shard_size: int, strict: bool,
+                encoding: str = DEFAULT_ENCODING) -> list[ShardTask]:
     """Cut key-sorted ``samples`` into consecutive shards of ``shard_size``."""
     if shard_size < 1:
         raise ValueError(f"shard size must be at least 1, got {shard_size}")
     ordered = sorted(samples, key=lambda s: s.key)
     return [ShardTask(index=i, name=shard_name(split, i), out_dir=out_dir, dataset=dataset, split=split,
                       num_classes=num_classes, strict=strict,
-                      samples=tuple(ordered[start:start + shard_size]))
+                      samples=tuple(ordered[start:start + shard_size]), encoding=encoding)
             for i, start in enumerate(range(0, len(ordered), shard_size))]
 
 
@@ -173,6 +181,7 @@ class SplitReport:
     seconds: float
     rejects: list[Reject] = field(default_factory=list)
     manifest: Path | None = None
+    encoding: str = DEFAULT_ENCODING
 
     @property
     def images_per_second(self) -> float:
@@ -181,6 +190,11 @@ class SplitReport:
     @property
     def mb_per_second(self) -> float:
         return self.source_bytes / 1e6 / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def size_ratio(self) -> float:
+        """Bytes of shards per byte of source files (image + label): the encoding's size cost."""
+        return self.bytes / self.source_bytes if self.source_bytes else 0.0
 
 
 def _write_rejects(out_dir: Path, split: str, rejects: Sequence[Reject]) -> Path:
@@ -193,7 +207,7 @@ def _write_rejects(out_dir: Path, split: str, rejects: Sequence[Reject]) -> Path
 def shard_split(dataset: str, root: Path | str, split: str, out_dir: Path | str, *,
                 shard_size: int = DEFAULT_SHARD_SIZE, workers: int = 1, partial: bool = False,
                 strict: bool = False, show_progress: bool = True,
-                on_progress: Progress | None = None) -> SplitReport:
+                on_progress: Progress | None = None, encoding: str = DEFAULT_ENCODING) -> SplitReport:
     """Shard one split of a dataset into ``out_dir``, resuming what a previous run finished.
 
     Args:
@@ -207,12 +221,16 @@ def shard_split(dataset: str, root: Path | str, split: str, out_dir: Path | str,
         strict: stop at the first bad sample instead of listing it in the rejects.
         show_progress: draw a tqdm progress bar on stderr.
         on_progress: also called with each number of finished samples.
+        encoding: ``"original"`` (the image file's bytes and a label PNG) or ``"lz4"``
+            (decoded pixels, :mod:`sharding.pixels`); shards written with the other
+            encoding are all rewritten.
 
     Raises:
         DatasetError: missing folders or lists, a wrong count, or no usable sample.
         SampleError: with ``strict``, the first bad sample.
     """
     root, out_dir = Path(root), Path(out_dir)
+    check_encoding(encoding)
     classes = classes_for(dataset)
     discovery = discover(dataset, root, split)
     check_count(dataset, root, split, discovery.listed, partial=partial)
@@ -223,7 +241,7 @@ def shard_split(dataset: str, root: Path | str, split: str, out_dir: Path | str,
         raise DatasetError(f"{dataset} split {split!r} under {root} has no complete sample "
                            f"({len(discovery.rejects)} rejected)")
     tasks = plan_shards(discovery.samples, out_dir=out_dir, dataset=dataset, split=split,
-                        num_classes=classes.num_classes, shard_size=shard_size, strict=strict)
+                        num_classes=classes.num_classes, shard_size=shard_size, strict=strict, encoding=encoding)
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest_path(out_dir, split).unlink(missing_ok=True)  # the split is incomplete until the end
     for prefix in (f"{split}-", f"{split}."):  # what a killed run left behind
@@ -253,7 +271,7 @@ def shard_split(dataset: str, root: Path | str, split: str, out_dir: Path | str,
     if not rows:
         raise DatasetError(f"{dataset} split {split!r}: every sample was rejected; see {rejects_file}")
     metadata = build_metadata(dataset=dataset, split=split, classes=classes, shards=shards,
-                              num_samples=len(rows), num_rejects=len(rejects))
+                              num_samples=len(rows), num_rejects=len(rejects), encoding=encoding)
     manifest = write_manifest(out_dir, split, rows, metadata)
     seconds = time.perf_counter() - start
     if rejects:
@@ -262,7 +280,7 @@ def shard_split(dataset: str, root: Path | str, split: str, out_dir: Path | str,
     return SplitReport(dataset=dataset, split=split, samples=len(rows), shards=len(shards),
                        shards_reused=sum(r.reused for r in results), bytes=sum(s.bytes for s in shards),
                        source_bytes=sum(r.source_bytes for r in results), seconds=seconds,
-                       rejects=rejects, manifest=manifest)
+                       rejects=rejects, manifest=manifest, encoding=encoding)
 
 
 def shard_dataset(dataset: str, root: Path | str, out_dir: Path | str, splits: Sequence[str] | None = None,
@@ -273,7 +291,8 @@ def shard_dataset(dataset: str, root: Path | str, out_dir: Path | str, splits: S
 
 
 def format_summary(reports: Sequence[SplitReport]) -> str:
-    """A plain-text table: samples, shards, bytes, time, throughput and rejects per split."""
+    """A plain-text table: samples, shards, bytes, time, throughput and rejects per split; then
+    each split's image encoding and its size cost (shard bytes per source byte)."""
     header = ("split", "samples", "shards", "reused", "MB out", "seconds", "img/s", "MB/s in", "rejects")
     lines = [[r.split, str(r.samples), str(r.shards), str(r.shards_reused), f"{r.bytes / 1e6:.1f}",
               f"{r.seconds:.1f}", f"{r.images_per_second:.1f}", f"{r.mb_per_second:.1f}", str(len(r.rejects))]
@@ -286,4 +305,7 @@ def format_summary(reports: Sequence[SplitReport]) -> str:
                       str(sum(r.shards_reused for r in reports)), f"{sum(r.bytes for r in reports) / 1e6:.1f}",
                       f"{seconds:.1f}", f"{samples / seconds if seconds else 0:.1f}",
                       f"{source / 1e6 / seconds if seconds else 0:.1f}", str(sum(len(r.rejects) for r in reports))])
-    return format_table(header, lines)  # split name left-aligned, numbers right-aligned
+    table = format_table(header, lines)  # split name left-aligned, numbers right-aligned
+    costs = [f"{r.split}: image encoding {r.encoding}, {r.bytes / 1e6:.1f} MB of shards for "
+             f"{r.source_bytes / 1e6:.1f} MB of source files ({r.size_ratio:.2f}x)" for r in reports]
+    return "\n".join([table, *costs])
