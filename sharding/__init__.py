@@ -1,12 +1,13 @@
 """Data sharding: raw Cityscapes / VOC 2012 + SBD layouts -> WebDataset shards + Parquet manifest.
 
-Imports only numpy, Pillow, pyarrow, scipy, cityscapesscripts and tqdm (no torch, Ray,
+Imports only numpy, Pillow, pyarrow, scipy, cityscapesscripts, lz4 and tqdm (no torch, Ray,
 MLflow or webdataset), so sharding runs on any data-preparation machine. This package
 file imports nothing, so worker processes load only the modules they use.
 
 - :mod:`sharding.cityscapes`, :mod:`sharding.voc`: read the layouts users download.
 - :mod:`sharding.classes`: class names, colours, ignore index.
 - :mod:`sharding.samples`: one sample from its files to shard members and a manifest row.
+- :mod:`sharding.pixels`: decoded pixels as ``npy.lz4`` members (``--image-encoding lz4``).
 - :mod:`sharding.pack`: write one shard atomically, with its sidecar index.
 - :mod:`sharding.write`: shard whole splits in parallel, resumably; the summary table.
 - :mod:`sharding.manifest`: the Parquet manifest, the contract with ``pipeline/data.py``.
