@@ -73,7 +73,9 @@ class _Augment:
 
 def _collate_train(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
     images, labels = zip(*batch)
-    return torch.stack(images), torch.stack(labels)  # uint8 (B, H, W, 3), uint8 (B, H, W)
+    # numpy's stack of uint8 is a plain copy per sample, a few times faster than torch.stack's here.
+    return (torch.from_numpy(np.stack([i.numpy() for i in images])),  # uint8 (B, H, W, 3)
+            torch.from_numpy(np.stack([lab.numpy() for lab in labels])))  # uint8 (B, H, W)
 
 
 def train_loader(

@@ -212,6 +212,8 @@ class TrainTransform:
         self.ignore_index = int(ignore_index)
         self.resize = resize
         self.pad_colour = np.array([min(255, max(0, round(255 * m))) for m in self.mean], dtype=np.uint8)
+        self._pad_canvas = np.empty((*self.crop_size, 3), dtype=np.uint8)
+        self._pad_canvas[...] = self.pad_colour  # copied from, never written: padding is two slice copies
 
     def __repr__(self) -> str:
         return (
@@ -238,18 +240,23 @@ class TrainTransform:
         cut = self._window if self.resize == "window" else self._frame
         img_win, lab_win = cut(image, label, crop)  # (vh, vw, 3), (vh, vw)
 
-        # Only the window's real pixels are copied; the padding is at the bottom and right,
-        # or at the bottom and left once flipped (it moves with the content).
+        # The window's pixels land at the top left, or the top right once flipped (the padding
+        # at the bottom and right moves with the content); only the padding is filled.
         ch, cw = self.crop_size
+        vh, vw = crop.vh, crop.vw
         out_img = np.empty((ch, cw, 3), dtype=np.uint8)
-        out_img[...] = self.pad_colour
-        out_lab = np.full((ch, cw), self.ignore_index, dtype=np.uint8)
-        if crop.flip:
-            out_img[: crop.vh, cw - crop.vw :] = img_win[:, ::-1]
-            out_lab[: crop.vh, cw - crop.vw :] = lab_win[:, ::-1]
+        out_lab = np.empty((ch, cw), dtype=np.uint8)
+        cols = slice(cw - vw, cw) if crop.flip else slice(0, vw)
+        if crop.flip:  # pixels as 3-byte items: numpy reverses whole RGB triples, not bytes one by one
+            _pixels(out_img)[:vh, cols] = _pixels(np.ascontiguousarray(img_win))[:, ::-1]
+            out_lab[:vh, cols] = lab_win[:, ::-1]
         else:
-            out_img[: crop.vh, : crop.vw] = img_win
-            out_lab[: crop.vh, : crop.vw] = lab_win
+            out_img[:vh, cols] = img_win
+            out_lab[:vh, cols] = lab_win
+        if (vh, vw) != (ch, cw):
+            pad = slice(0, cw - vw) if crop.flip else slice(vw, cw)
+            out_img[vh:], out_img[:vh, pad] = self._pad_canvas[vh:], self._pad_canvas[:vh, pad]
+            out_lab[vh:], out_lab[:vh, pad] = self.ignore_index, self.ignore_index
         return torch.from_numpy(out_img), torch.from_numpy(out_lab)
 
     @staticmethod
@@ -277,6 +284,11 @@ class TrainTransform:
             label = np.asarray(Image.fromarray(label).resize((crop.sw, crop.sh), Image.Resampling.NEAREST))
         window = (slice(crop.y0, crop.y0 + crop.vh), slice(crop.x0, crop.x0 + crop.vw))
         return image[window], label[window]
+
+
+def _pixels(hwc: np.ndarray) -> np.ndarray:
+    """A uint8 ``(H, W, 3)`` array viewed as ``(H, W)`` items of 3 bytes (one RGB pixel each)."""
+    return hwc.view(np.dtype((np.void, 3)))[..., 0]
 
 
 def normalize_batch(
