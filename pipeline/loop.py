@@ -111,8 +111,11 @@ def train_one_epoch(
     ``(B, H, W)`` labels; they are copied to ``device`` and normalised there.
 
     Returns the epoch's mean losses (joint and its three parts), the last learning rate, the
-    images per second of this process, and ``data_wait_share``: the share of the epoch spent
-    waiting for the loader, so a starved GPU shows in the metrics. ``progress`` is called
+    images per second of this process, ``data_wait_share``: the share of the epoch spent
+    waiting for the loader, so a starved GPU shows in the metrics, and ``cpu_share``: this
+    process's CPU seconds (all its threads) per second of the epoch, about
+    ``train.cpus_per_worker`` for a CPU worker that has its cores to itself and less when other
+    work takes them, so a contended machine shows too. ``progress`` is called
     every ``train.log_every`` steps and after the last one with ``epoch`` (1-based),
     ``step``, ``steps``, the running mean ``loss``, ``lr`` and ``images_per_s``.
     """
@@ -120,6 +123,7 @@ def train_one_epoch(
     amp_dtype = torch.float16 if cfg.train.amp and device.type == "cuda" else None
     totals = {"loss": 0.0, "loss_p": 0.0, "loss_c": 0.0, "loss_s": 0.0}
     seen, start, lr, step = 0, time.perf_counter(), 0.0, 0
+    cpu_start = time.process_time()
     waited = 0.0
     batches = iter(batches)
     while True:
@@ -149,7 +153,7 @@ def train_one_epoch(
         raise RuntimeError("the training loader yielded no batch: check the shards and data.batch_size")
     elapsed = time.perf_counter() - start
     return {**{k: v / step for k, v in totals.items()}, "lr": lr, "images_per_s": seen / elapsed,
-            "data_wait_share": waited / elapsed}
+            "data_wait_share": waited / elapsed, "cpu_share": (time.process_time() - cpu_start) / elapsed}
 
 
 @torch.no_grad()
