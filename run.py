@@ -55,7 +55,9 @@ def _add_config_args(p: argparse.ArgumentParser, default_preset: str = "syntheti
                    help="hyper-parameters: the paper's for cityscapes (batch 8, lr 0.01, wd 5e-4, crop 1024) "
                         "and voc (batch 16, lr 0.001, wd 1e-5, crop 512); small and fast for synthetic")
     p.add_argument("--data", required=True, metavar="SHARD_DIR",
-                   help="folder written by `run.py shard` (<split>-NNNNNN.tar + <split>.manifest.parquet)")
+                   help="folder written by `run.py shard` (<split>-NNNNNN.tar + <split>.manifest.parquet), or a "
+                        "copy of it at an https://, s3:// or gs:// URL that every node reads (README: Shards on "
+                        "remote storage)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override a config field, e.g. --set optim.lr=0.02 --set data.crop_size=256x256; "
                         "sections: model, data, optim, loss, train, tracking, inference (repeatable)")
@@ -64,7 +66,9 @@ def _add_config_args(p: argparse.ArgumentParser, default_preset: str = "syntheti
     p.add_argument("--gpu", action="store_true", help="one GPU per worker, NCCL, mixed precision")
     p.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local cluster)")
     p.add_argument("--storage", help="Ray Train storage folder for checkpoints (train.storage, default ./runs); "
-                                     "on a multi-node cluster a path every node reaches (NFS, or s3://...)")
+                                     "on a multi-node cluster a path every node reaches (NFS), or s3://BUCKET/PATH "
+                                     "or gs://BUCKET/PATH (an S3-compatible store: AWS_ENDPOINT_URL, or "
+                                     "?endpoint_override=HOST:PORT&scheme=http)")
     p.add_argument("--max-failures", type=int, metavar="N",
                    help="restarts from the latest checkpoint after a lost worker or node (train.max_failures; "
                         "presets: cityscapes and voc 3, synthetic 0; -1 = no limit)")
@@ -137,7 +141,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--model", required=True, help="checkpoint, run folder, MLflow run id or models:/ URI")
-    p.add_argument("--data", required=True, metavar="SHARD_DIR", help="folder written by `run.py shard`")
+    p.add_argument("--data", required=True, metavar="SHARD_DIR",
+                   help="folder written by `run.py shard`, or its https://, s3:// or gs:// URL")
     p.add_argument("--split", default="val", help="split to evaluate")
     _add_inference_args(p)
     p.add_argument("--workers", type=int, default=0, metavar="N",
@@ -229,7 +234,8 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", required=True, help="checkpoint, run folder, MLflow run id or models:/ URI")
     p.add_argument("--input", required=True, metavar="IMAGE|DIR|SHARD_DIR",
-                   help="an image file, a folder of images, or a folder written by `run.py shard`")
+                   help="an image file, a folder of images, or a folder written by `run.py shard` (also as an "
+                        "https://, s3:// or gs:// URL)")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for the files (created if needed)")
     p.add_argument("--format", default="plain", choices=FORMATS,
                    help="plain: the three PNGs per image; cityscapes / voc: also the benchmark server's files")
@@ -488,7 +494,8 @@ def _add_shard(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--root", metavar="DIR",
                    help="pack: dataset root holding leftImg8bit/ + gtFine/ (cityscapes) or VOCdevkit/ + "
                         "benchmark_RELEASE/ (voc; or VOCdevkit/ holding VOC2012/SegmentationClassAug/)")
-    p.add_argument("--out", required=True, metavar="DIR", help="shard folder to write (pack) or check (verify)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="shard folder to write (pack) or check (verify: also an https://, s3:// or gs:// URL of one)")
     p.add_argument("--split", nargs="+", metavar="SPLIT",
                    help="splits to pack or verify (default: cityscapes train val test; voc train_aug val, "
                         "also: voc train trainval voc_trainval test; verify: every split with a manifest)")
@@ -634,7 +641,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     errors: list[type[BaseException]] = [FileNotFoundError, FileExistsError, NotADirectoryError, ConnectionError]
     for module, name in (("pipeline.config", "ConfigError"), ("sharding.manifest", "ManifestError"),
                          ("pipeline.tracking", "TrackingError"), ("pipeline.evaluate", "EvaluationError"),
-                         ("pipeline.cluster", "ResourceError")):
+                         ("pipeline.cluster", "ResourceError"), ("sharding.storage", "StorageError")):
         mod = sys.modules.get(module)
         if mod is not None:
             errors.append(getattr(mod, name))

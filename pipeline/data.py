@@ -27,6 +27,7 @@ from PIL import Image
 from pipeline.config import DataConfig
 from pipeline.transforms import EvalTransform, TrainTransform
 from sharding.manifest import Manifest
+from sharding.storage import shard_samples
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg")
 
@@ -100,7 +101,7 @@ def train_loader(
     shard_seed = int(np.random.default_rng([seed, epoch, rank]).integers(2**31))
     pipeline = wds.DataPipeline(
         wds.ResampledShards(list(manifest.shards), seed=shard_seed, worker_seed=_worker_id, deterministic=True),
-        wds.tarfile_to_samples(handler=wds.reraise_exception),
+        shard_samples(),  # local paths and URLs alike (sharding/storage.py)
         wds.shuffle(cfg.shuffle_buffer, initial=min(cfg.shuffle_buffer, manifest.num_samples), seed=shard_seed),
         wds.map(decode_sample),
         wds.map(_Augment(transform, seed, epoch, rank)),
@@ -178,7 +179,7 @@ def shard_loader(shards: list[str], cfg: DataConfig) -> Iterator[tuple[torch.Ten
     pipeline = wds.DataPipeline(
         wds.SimpleShardList(shards),
         wds.split_by_worker,
-        wds.tarfile_to_samples(handler=wds.reraise_exception),
+        shard_samples(),  # local paths and URLs alike (sharding/storage.py)
         wds.map(_EvalDecode(EvalTransform(cfg.mean, cfg.std))),
         batch_by_size(cfg.eval_batch_size),
     )

@@ -214,7 +214,7 @@ def evaluate_model(reference: str, shards: str | Path, split: str = "val", data:
     ``log`` the metrics (:meth:`EvalReport.metrics`) and the per-class table go to the MLflow
     run that logged the model, or to ``log_run``.
     """
-    manifest = read_manifest(Path(shards), split)
+    manifest = read_manifest(shards, split)  # a folder or a URL (sharding/storage.py)
     loaded = load_model(reference, tracking_uri)
     num_classes = int(loaded.dataset.get("num_classes", manifest.num_classes))
     if num_classes != manifest.num_classes:

@@ -65,6 +65,7 @@ from sharding.atomic import TMP_SUFFIX, atomic_write_bytes
 from sharding.cityscapes import IMAGE_SUFFIX, label_id_lut
 from sharding.classes import IGNORE_INDEX, voc_colormap
 from sharding.manifest import list_splits, read_manifest
+from sharding.storage import is_remote, shard_samples
 from sharding.text import bar_disabled
 
 FORMATS = ("plain", "cityscapes", "voc")
@@ -197,18 +198,20 @@ def _chunks(items: Sequence, size: int) -> Iterator[tuple]:
         yield tuple(items[start:start + size])
 
 
-def plan_tasks(source: Path, outputs: Outputs, template: PredictTask, split: str = "val",
+def plan_tasks(source: Path | str, outputs: Outputs, template: PredictTask, split: str = "val",
                files_per_task: int = FILES_PER_TASK) -> tuple[list[PredictTask], list[list[str]], int | None]:
-    """The work items for ``source`` (an image, a folder of images, or a shard folder), the
-    names each must write, and the shard split's class count (None for image files)."""
-    if source.is_file():
+    """The work items for ``source`` (an image, a folder of images, or a shard folder: a URL is
+    one, see ``sharding/storage.py``), the names each must write, and the shard split's class
+    count (None for image files)."""
+    remote = is_remote(source)
+    if not remote and source.is_file():
         if not is_image_file(source):
             raise PredictError(f"{source}: not an image file (expected {', '.join(IMAGE_EXTENSIONS)})")
         name = image_name(source)
         return [dataclasses.replace(template, files=((str(source.resolve()), name),))], [[name]], None
-    if not source.is_dir():
+    if not remote and not source.is_dir():
         raise FileNotFoundError(f"{source}: no such image, folder or shard folder")
-    if list_splits(source):
+    if remote or list_splits(source):
         manifest = read_manifest(source, split)
         keys = manifest.table.column("key").to_pylist()
         shards = manifest.table.column("shard").to_pylist()
@@ -248,7 +251,7 @@ def read_shard(shard: str) -> Iterator[tuple[str, np.ndarray]]:
 
     from pipeline.data import decode_sample
 
-    pipeline = wds.DataPipeline(wds.SimpleShardList([shard]), wds.tarfile_to_samples(handler=wds.reraise_exception),
+    pipeline = wds.DataPipeline(wds.SimpleShardList([shard]), shard_samples(),  # a path or a URL
                                 wds.map(decode_sample))
     for sample in pipeline:
         yield sample["key"], sample["image"]
@@ -357,9 +360,9 @@ def predict(reference: str, source: str | Path, out: str | Path, *, split: str =
     if batch_size < 1 or workers < 0 or files_per_task < 1:
         raise PredictError(f"batch size and files per task must be at least 1 and workers at least 0, got "
                            f"{batch_size}, {files_per_task} and {workers}")
-    source = Path(source)
+    source = str(source) if is_remote(source) else Path(source)
     out = Path(out).resolve()
-    if not source.exists():
+    if not is_remote(source) and not source.exists():
         raise FileNotFoundError(f"{source}: no such image, folder or shard folder")
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {out} is a file; expected a folder (created if missing)")

@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
 import numpy as np
@@ -31,6 +31,7 @@ from pipeline.cluster import check_resources, connect_ray
 from pipeline.config import Config, ConfigError
 from pipeline.console import ProgressBoard, TrainingConsole
 from pipeline.worker import epoch_logger, train_worker
+from sharding import storage
 from sharding.classes import DATASETS
 from sharding.manifest import Manifest, ManifestError, read_manifest
 
@@ -47,9 +48,9 @@ class TrainResult:
     name: str
     run_id: str
     tracking_uri: str
-    checkpoint: str | None  # folder of the latest checkpoint
+    checkpoint: str | None  # folder of the latest checkpoint (a URL under remote storage)
     metrics: dict[str, float]
-    storage: str
+    storage: str  # train.storage: an absolute folder, or an s3:// / gs:// URI
 
 
 def check_inputs(cfg: Config) -> tuple[Manifest, Manifest]:
@@ -58,8 +59,8 @@ def check_inputs(cfg: Config) -> tuple[Manifest, Manifest]:
     where they cannot be)."""
     if not cfg.data.shards:
         raise ConfigError("no shards given: pass --data SHARD_DIR (a folder written by `run.py shard`)")
-    shards = Path(cfg.data.shards)
-    if not shards.is_dir():
+    shards = cfg.data.shards  # a folder, or a URL of one (sharding/storage.py): read_manifest checks either
+    if not storage.is_folder(shards):
         raise FileNotFoundError(f"shard folder {shards} does not exist: expected the --out folder of `run.py shard`")
     train_manifest = read_manifest(shards, cfg.data.train_split)
     val_manifest = read_manifest(shards, cfg.data.val_split)
@@ -158,15 +159,16 @@ def printing(board: Any, console: TrainingConsole, every_s: float = 1.0) -> Iter
 
 
 def absolute_paths(cfg: Config) -> Config:
-    """Shards, storage and weights as absolute paths: Ray workers run in their own working directories."""
+    """Shards, storage and weights as absolute paths (URLs as they are): Ray workers run in their
+    own working directories, and open a URL themselves."""
     weights = cfg.model.weights
     if weights is not None and weights not in PRETRAINED:
         weights = str(Path(weights).resolve())
     return dataclasses.replace(
         cfg,
         model=dataclasses.replace(cfg.model, weights=weights),
-        data=dataclasses.replace(cfg.data, shards=str(Path(cfg.data.shards).resolve())),
-        train=dataclasses.replace(cfg.train, storage=str(Path(cfg.train.storage).resolve())),
+        data=dataclasses.replace(cfg.data, shards=storage.absolute(cfg.data.shards)),
+        train=dataclasses.replace(cfg.train, storage=storage.absolute(cfg.train.storage)),
     )
 
 
@@ -181,14 +183,15 @@ def fit(cfg: Config, *, name: str | None = None, resume: bool = False, address: 
     train_manifest, _ = check_inputs(cfg)
     uri = tracking.resolve_uri(cfg.tracking.uri)
     tracking.check_reachable(uri)
-    storage = Path(cfg.train.storage).resolve()
+    root = storage.absolute(cfg.train.storage)  # a folder, or s3:// / gs:// as Ray Train takes it
     name = name or f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = storage / name
-    if resume and not run_dir.is_dir():
-        raise FileNotFoundError(f"--resume: no run named {name!r} under {storage}")
-    if not resume and run_dir.exists():
-        raise FileExistsError(f"a run named {name!r} already exists under {storage}: pass --resume to continue it "
-                              "or choose another --name")
+    run_dir = storage.join(root, name)
+    found = storage.storage_exists(run_dir)
+    if resume and not found:
+        raise FileNotFoundError(f"--resume: no run named {name!r} under {storage.display(root)}")
+    if not resume and found:
+        raise FileExistsError(f"a run named {name!r} already exists under {storage.display(root)}: pass --resume "
+                              "to continue it or choose another --name")
     if resume:
         check_resume(run_dir, cfg)
     ray_logs = connect_ray(address)
@@ -211,22 +214,54 @@ def fit(cfg: Config, *, name: str | None = None, resume: bool = False, address: 
             _raise_training_error(exc, name, run_dir, cfg)
             raise
     return TrainResult(name=name, run_id=run_id, tracking_uri=uri,
-                       checkpoint=result.checkpoint.path if result.checkpoint else None,
-                       metrics=dict(result.metrics or {}), storage=str(storage))
+                       checkpoint=_checkpoint_location(result.checkpoint, run_dir),
+                       metrics=dict(result.metrics or {}), storage=root)
 
 
-def check_resume(run_dir: Path, cfg: Config) -> None:
+def _checkpoint_location(checkpoint: Any, run_dir: str) -> str | None:
+    """Ray's checkpoint as a location: its path on local storage; under remote storage, the URL
+    (Ray's ``Checkpoint.path`` there is bucket/key, without the scheme)."""
+    if checkpoint is None:
+        return None
+    if not storage.is_remote(run_dir):
+        return checkpoint.path
+    return storage.join(run_dir, PurePosixPath(checkpoint.path).name)
+
+
+def latest_trained(run_dir: str | Path) -> tuple[str, int] | None:
+    """(the newest complete checkpoint's folder, the epochs it holds) of a run, or None.
+
+    Local storage: :func:`~pipeline.checkpoint.latest_checkpoint` (sizes and sha256 checked).
+    Remote storage: the checkpoint records (``checkpoint.json``) read where they are; Ray Train
+    registers a checkpoint only once its upload is complete.
+    """
+    if not storage.is_remote(run_dir):
+        latest = latest_checkpoint(run_dir)
+        return None if latest is None else (str(latest), json.loads((latest / RECORD_FILE).read_text())["epoch"])
+    newest: tuple[int, str, int] | None = None
+    for folder in storage.storage_folders(run_dir):
+        try:
+            record = json.loads(storage.storage_read_text(storage.join(folder, RECORD_FILE)))
+        except (FileNotFoundError, ValueError):
+            continue  # not a checkpoint folder, or a record cut short
+        if newest is None or int(record["step"]) > newest[0]:
+            newest = (int(record["step"]), folder, int(record["epoch"]))
+    return None if newest is None else (newest[1], newest[2])
+
+
+def check_resume(run_dir: str | Path, cfg: Config) -> None:
     """Refuse a resume that has nothing left to train (``--epochs`` is the new total)."""
-    latest = latest_checkpoint(run_dir)
+    latest = latest_trained(run_dir)
     if latest is None:
         return  # killed before its first checkpoint: Ray Train starts it from the beginning
-    done = json.loads((latest / RECORD_FILE).read_text())["epoch"]
+    folder, done = latest
     if done >= cfg.train.epochs:
-        raise ConfigError(f"--resume: run {run_dir.name!r} has already trained {done} epoch(s) "
-                          f"(checkpoint {latest}); --epochs is the new total, so pass more than {done} to train longer")
+        raise ConfigError(f"--resume: run {storage.name(run_dir)!r} has already trained {done} epoch(s) "
+                          f"(checkpoint {storage.display(folder)}); --epochs is the new total, so pass more than "
+                          f"{done} to train longer")
 
 
-def _raise_training_error(exc: BaseException, name: str, run_dir: Path, cfg: Config) -> None:
+def _raise_training_error(exc: BaseException, name: str, run_dir: str, cfg: Config) -> None:
     """Turn Ray Train's failure into one clear :class:`TrainingError` (other exceptions pass)."""
     from ray.train import TrainingFailedError
 
@@ -235,8 +270,12 @@ def _raise_training_error(exc: BaseException, name: str, run_dir: Path, cfg: Con
     causes = getattr(exc, "worker_failures", None)
     summary = ("; ".join(f"rank {rank}: {_first_line(error)}" for rank, error in sorted(causes.items())) if causes
                else _first_line(getattr(exc, "controller_failure", None) or exc))
-    latest = latest_checkpoint(run_dir)
-    where = f"its latest complete checkpoint is {latest}" if latest else "it wrote no checkpoint"
+    try:
+        latest = latest_trained(run_dir)
+    except OSError:  # remote storage gone too: say where to look instead
+        latest = None
+    where = (f"its latest complete checkpoint is {storage.display(latest[0])}" if latest
+             else "it wrote no checkpoint")
     raise TrainingError(
         f"training run {name!r} failed after {cfg.train.max_failures} restart(s) allowed "
         f"(train.max_failures / --max-failures): {summary}. "
@@ -253,7 +292,7 @@ def _first_line(error: BaseException, limit: int = 160) -> str:
 def _manifest_summary(manifest: Manifest) -> dict[str, Any]:
     pixels = np.array(manifest.table.column("class_pixels").to_pylist(), dtype=np.int64).sum(axis=0)
     return {
-        "root": str(manifest.root),
+        "root": storage.display(manifest.root),
         "split": manifest.split,
         "dataset": manifest.dataset,
         "samples": manifest.num_samples,

@@ -25,7 +25,6 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from pipeline import tracking
@@ -38,6 +37,7 @@ from pipeline.search_space import (GRID, Dimension, check_grid, grid_points, has
                                    resolve_settings, trial_config)
 from pipeline.train import absolute_paths, check_inputs, make_trainer, worker_resources
 from pipeline.trials import METRIC, MODE, SearchResult, close_running_children, collect_rows, log_search
+from sharding.storage import absolute, display, join, storage_exists, storage_read_text, storage_write_text
 
 TRIAL_DRIVER_RESOURCE = "dfdam_trial_driver"
 
@@ -87,7 +87,7 @@ def search(cfg: Config, settings: SearchSettings, space: dict[str, Dimension], *
            address: str | None = None, register_as: str | None = None) -> SearchResult:
     """Run (or resume) a search; every input is checked before anything starts."""
     started = time.perf_counter()
-    storage = Path(cfg.train.storage).resolve()
+    storage = absolute(cfg.train.storage)  # a folder, or s3:// / gs:// as Ray Tune takes it
     cfg, settings, space = _saved_or_new(storage, cfg, settings, space, resume)
     _, val_manifest = check_inputs(cfg)
     uri = tracking.resolve_uri(cfg.tracking.uri)
@@ -134,14 +134,14 @@ def search(cfg: Config, settings: SearchSettings, space: dict[str, Dimension], *
     return result
 
 
-def _tuner(storage: Path, cfg: Config, settings: SearchSettings, space: dict[str, Dimension], resume: bool,
+def _tuner(storage: str, cfg: Config, settings: SearchSettings, space: dict[str, Dimension], resume: bool,
            trainable):
     """Tune's ``Tuner``: restored from ``storage`` on resume, else new with the scheduler and searcher."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     if resume:
-        return tune.Tuner.restore(str(storage / settings.name), trainable=trainable, resume_unfinished=True,
+        return tune.Tuner.restore(join(storage, settings.name), trainable=trainable, resume_unfinished=True,
                                   resume_errored=True)
     return tune.Tuner(
         trainable,
@@ -155,33 +155,33 @@ def _tuner(storage: Path, cfg: Config, settings: SearchSettings, space: dict[str
                                      reduction_factor=2)
                        if settings.scheduler == "asha" else FIFOScheduler()),
         ),
-        run_config=tune.RunConfig(name=settings.name, storage_path=str(storage),
+        run_config=tune.RunConfig(name=settings.name, storage_path=storage,
                                   failure_config=tune.FailureConfig(max_failures=0),
                                   callbacks=[trial_printer(list(space), cfg.train.epochs)],
                                   verbose=0),  # Tune's own tables stay out: trial_printer says what happened
     )
 
 
-def _settings_path(storage: Path, name: str) -> Path:
-    return storage / f"{name}.search.json"
+def _settings_path(storage: str, name: str) -> str:
+    return join(storage, f"{name}.search.json")
 
 
-def _saved_or_new(storage: Path, cfg: Config, settings: SearchSettings, space: dict[str, Dimension],
+def _saved_or_new(storage: str, cfg: Config, settings: SearchSettings, space: dict[str, Dimension],
                   resume: bool) -> tuple[Config, SearchSettings, dict[str, Dimension]]:
     """On resume, the search's saved config, settings and space; else the given ones, checked."""
     from ray import tune
 
     settings_file = _settings_path(storage, settings.name)
-    experiment_dir = storage / settings.name
+    experiment_dir = join(storage, settings.name)
     if resume:
-        if not settings_file.is_file() or not tune.Tuner.can_restore(str(experiment_dir)):
-            raise FileNotFoundError(f"--resume: no search named {settings.name!r} under {storage}")
-        saved = json.loads(settings_file.read_text())
+        if not storage_exists(settings_file) or not tune.Tuner.can_restore(experiment_dir):
+            raise FileNotFoundError(f"--resume: no search named {settings.name!r} under {display(storage)}")
+        saved = json.loads(storage_read_text(settings_file))
         cfg = Config.from_dict(saved["config"])
         settings = SearchSettings(**saved["settings"])
         space = {n: Dimension(**{**d, "values": tuple(d["values"])}) for n, d in saved["space"].items()}
-    elif experiment_dir.exists() or settings_file.exists():
-        raise FileExistsError(f"a search named {settings.name!r} already exists under {storage}: "
+    elif storage_exists(experiment_dir) or storage_exists(settings_file):
+        raise FileExistsError(f"a search named {settings.name!r} already exists under {display(storage)}: "
                               "pass --resume to continue it or choose another --name")
     if settings.trials < 1 or settings.max_concurrent < 1 or settings.workers_per_trial < 1:
         raise ConfigError("--trials, --max-concurrent and --workers-per-trial must be at least 1")
@@ -196,14 +196,12 @@ def _saved_or_new(storage: Path, cfg: Config, settings: SearchSettings, space: d
     return cfg, settings, space
 
 
-def _save(storage: Path, cfg: Config, settings: SearchSettings, space: dict[str, Dimension]) -> None:
-    """The search's config, settings and space beside Tune's state, for ``--resume`` (written atomically)."""
-    storage.mkdir(parents=True, exist_ok=True)
-    settings_file = _settings_path(storage, settings.name)
-    tmp = settings_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"config": cfg.to_dict(), "settings": dataclasses.asdict(settings),
-                               "space": {n: dataclasses.asdict(d) for n, d in space.items()}}, indent=2))
-    tmp.replace(settings_file)
+def _save(storage: str, cfg: Config, settings: SearchSettings, space: dict[str, Dimension]) -> None:
+    """The search's config, settings and space beside Tune's state, for ``--resume`` (written whole:
+    a temporary name and a rename locally, one upload to an object store)."""
+    storage_write_text(_settings_path(storage, settings.name),
+                       json.dumps({"config": cfg.to_dict(), "settings": dataclasses.asdict(settings),
+                                   "space": {n: dataclasses.asdict(d) for n, d in space.items()}}, indent=2))
 
 
 @contextlib.contextmanager

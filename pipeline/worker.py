@@ -79,7 +79,7 @@ def _set_up(loop_config: dict[str, Any]) -> WorkerJob:
     rank = ctx.get_world_rank()
     torch.set_num_threads(max(1, cfg.train.cpus_per_worker))
     torch.manual_seed(cfg.train.seed)
-    shards = Path(cfg.data.shards)
+    shards = cfg.data.shards  # a folder or a URL, opened here: every node reads it itself
     train_manifest = read_manifest(shards, cfg.data.train_split)
     return WorkerJob(
         cfg=cfg, rank=rank, world=ctx.get_world_size(), device=ray.train.torch.get_device(),

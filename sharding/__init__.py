@@ -12,6 +12,9 @@ file imports nothing, so worker processes load only the modules they use.
 - :mod:`sharding.write`: shard whole splits in parallel, resumably; the summary table.
 - :mod:`sharding.manifest`: the Parquet manifest, the contract with ``pipeline/data.py``.
 - :mod:`sharding.verify`: re-read every shard against its manifest.
+- :mod:`sharding.storage`: shard folders and checkpoint storage at ``https://``, ``s3://``,
+  ``gs://`` locations (fsspec, imported when a URL is read) as well as local paths; its
+  WebDataset stage imports ``webdataset`` when ``pipeline/`` builds a loader.
 - :mod:`sharding.synthetic`: a small learnable dataset in the real layouts.
 - :mod:`sharding.marker`: the file in which a synthetic dataset declares its image counts.
 - :mod:`sharding.text`: ``HxW`` sizes and aligned text tables, for every command line

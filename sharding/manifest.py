@@ -4,7 +4,11 @@ One file per split, ``<shard_dir>/<split>.manifest.parquet``, one row per sample
 shard order. Dataset-level facts (classes, palette, the shards with their counts,
 sizes and sha256, the image encoding) live in the Parquet schema metadata under
 ``dfdam.manifest`` as JSON. :func:`read_manifest` checks the file against itself and against the shard
-files on disk, and raises :class:`ManifestError` (naming the file) on any mismatch.
+files, and raises :class:`ManifestError` (naming the file) on any mismatch.
+
+Shards are named relative to the manifest's folder (:attr:`ShardInfo.name`), so a shard
+folder copied or uploaded whole reads from its new place: a local path, a shared (NFS)
+one, or an ``https://``, ``s3://`` or ``gs://`` URL (``sharding/storage.py``).
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from sharding import storage
 from sharding.atomic import atomic_writer
 from sharding.classes import ClassTable
 from sharding.pixels import DEFAULT_ENCODING, ENCODINGS, IMAGE_MEMBER
@@ -51,7 +56,7 @@ class ManifestError(ValueError):
 class ShardInfo:
     """One shard as the manifest records it."""
 
-    name: str
+    name: str  # the file name, relative to the manifest's folder
     samples: int
     bytes: int
     sha256: str
@@ -65,8 +70,9 @@ class Manifest:
     """A split's manifest, checked and ready for a reader.
 
     Attributes:
-        root: the shard directory (absolute).
-        path: the manifest file.
+        root: the shard folder: an absolute local path, or a URL (``https://``, ``s3://``,
+            ``gs://``) that every Ray worker opens itself.
+        path: the manifest file (a path or a URL, as ``root``).
         split, dataset: e.g. ``"train"``, ``"cityscapes"``.
         num_classes, class_names, ignore_index, palette: the class table; ``palette``
             holds one ``[r, g, b]`` per train id.
@@ -78,8 +84,8 @@ class Manifest:
             that records none means) or ``"lz4"`` (``npy.lz4`` + ``label.npy.lz4``).
     """
 
-    root: Path
-    path: Path
+    root: str
+    path: str
     split: str
     dataset: str
     num_classes: int
@@ -98,8 +104,13 @@ class Manifest:
 
     @property
     def shards(self) -> list[str]:
-        """Absolute shard paths in order, as WebDataset takes them."""
-        return [str(self.root / s.name) for s in self.shard_infos]
+        """Shard locations in order (absolute paths, or URLs for a remote root), as
+        :func:`sharding.storage.shard_samples` takes them."""
+        return [self.shard_location(s.name) for s in self.shard_infos]
+
+    def shard_location(self, name: str) -> str:
+        """Where the shard ``name`` (a :attr:`ShardInfo.name`) is: ``root/name``."""
+        return storage.join(self.root, name)
 
     @property
     def shard_counts(self) -> list[int]:
@@ -122,9 +133,9 @@ def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:06d}.tar"
 
 
-def list_splits(shard_dir: Path) -> list[str]:
-    """The splits with a manifest in ``shard_dir``, sorted."""
-    return sorted(p.name[: -len(MANIFEST_SUFFIX)] for p in Path(shard_dir).glob(f"*{MANIFEST_SUFFIX}"))
+def list_splits(shard_dir: Path | str) -> list[str]:
+    """The splits with a manifest in ``shard_dir``, sorted (a URL: ``[]`` where the server lists no folders)."""
+    return [name[: -len(MANIFEST_SUFFIX)] for name in storage.list_names(shard_dir, MANIFEST_SUFFIX)]
 
 
 def build_metadata(*, dataset: str, split: str, classes: ClassTable, shards: Sequence[ShardInfo],
@@ -155,11 +166,11 @@ def write_manifest(shard_dir: Path, split: str, rows: list[dict[str, Any]], meta
     return path
 
 
-def _fail(path: Path, problem: str) -> ManifestError:
+def _fail(path: Path | str, problem: str) -> ManifestError:
     return ManifestError(f"{path}: {problem}")
 
 
-def _check_columns(path: Path, schema: pa.Schema) -> None:
+def _check_columns(path: Path | str, schema: pa.Schema) -> None:
     for field in SCHEMA:
         if field.name not in schema.names:
             raise _fail(path, f"missing column {field.name!r}; expected columns {', '.join(SCHEMA.names)}")
@@ -168,7 +179,7 @@ def _check_columns(path: Path, schema: pa.Schema) -> None:
             raise _fail(path, f"column {field.name!r} is {found}, expected {field.type}")
 
 
-def _check_rows(path: Path, table: pa.Table, shards: list[ShardInfo], num_classes: int,
+def _check_rows(path: Path | str, table: pa.Table, shards: list[ShardInfo], num_classes: int,
                 encoding: str) -> None:
     """Rows come in blocks, one per shard in order, of the recorded sizes; every image
     member is of the recorded encoding."""
@@ -197,27 +208,38 @@ def read_manifest(shard_dir: Path | str, split: str, *, check_files: bool = True
     """Read and check ``<shard_dir>/<split>.manifest.parquet``.
 
     Args:
-        shard_dir: the folder the shards were written to.
+        shard_dir: the folder the shards were written to, or a copy of it: a local path or an
+            ``https://``, ``s3://`` or ``gs://`` URL (``sharding/storage.py``).
         split: e.g. ``"train"``.
-        check_files: also check that every listed shard exists with its recorded size.
+        check_files: also check that every listed shard exists with its recorded size (for a
+            URL, one HEAD / object lookup per shard).
 
     Raises:
         ManifestError: naming the file, when the manifest is missing, unreadable, or
             inconsistent with itself or the shard files.
+        sharding.storage.StorageError: a remote folder that cannot be reached or read
+            (the URL and the cause in the message).
     """
-    root = Path(shard_dir).resolve()
-    path = manifest_path(root, split)
-    if not path.is_file():
-        found = list_splits(root) if root.is_dir() else []
-        raise _fail(path, f"no manifest for split {split!r} (splits with a manifest here: "
-                          f"{', '.join(found) or 'none'}); write it with `python run.py shard`")
+    root = storage.absolute(shard_dir)
+    path = storage.join(root, f"{split}{MANIFEST_SUFFIX}")
+    where = storage.display(path)
     try:
-        table = pq.read_table(path)
+        data = storage.read_bytes(path, expected=f"the manifest of split {split!r}")
+    except FileNotFoundError:
+        found = list_splits(root)
+        none = "none listed (a web server need not list its folders)" if storage.is_remote(root) else "none"
+        listing = f"splits with a manifest here: {', '.join(found) or none}"
+        raise _fail(where, f"no manifest for split {split!r} ({listing}); write it with `python run.py shard`"
+                           + (" and upload the whole shard folder" if storage.is_remote(root) else "")) from None
+    except IsADirectoryError:
+        raise _fail(where, f"a folder, not the manifest of split {split!r}") from None
+    try:
+        table = pq.read_table(pa.BufferReader(data))
     except Exception as exc:
-        raise _fail(path, f"unreadable Parquet file ({type(exc).__name__}: {exc})") from None
+        raise _fail(where, f"unreadable Parquet file ({type(exc).__name__}: {exc})") from None
     raw = (table.schema.metadata or {}).get(METADATA_KEY)
     if raw is None:
-        raise _fail(path, f"no {METADATA_KEY.decode()} entry in the schema metadata; not a DF-DAM manifest")
+        raise _fail(where, f"no {METADATA_KEY.decode()} entry in the schema metadata; not a DF-DAM manifest")
     try:
         meta = json.loads(raw)
         version = meta["format_version"]
@@ -233,25 +255,27 @@ def read_manifest(shard_dir: Path | str, split: str, *, check_files: bool = True
                             table=table.replace_schema_metadata(None),
                             encoding=meta.get("encoding", DEFAULT_ENCODING))
     except (ValueError, KeyError, TypeError) as exc:
-        raise _fail(path, f"malformed metadata ({type(exc).__name__}: {exc})") from None
+        raise _fail(where, f"malformed metadata ({type(exc).__name__}: {exc})") from None
     if version != FORMAT_VERSION:
-        raise _fail(path, f"format version {version}, expected {FORMAT_VERSION}; re-run `run.py shard`")
+        raise _fail(where, f"format version {version}, expected {FORMAT_VERSION}; re-run `run.py shard`")
     if manifest.split != split:
-        raise _fail(path, f"records split {manifest.split!r}, expected {split!r}")
+        raise _fail(where, f"records split {manifest.split!r}, expected {split!r}")
     if len(class_names) != num_classes or len(palette) != num_classes:
-        raise _fail(path, f"{len(class_names)} class names and {len(palette)} colours for "
+        raise _fail(where, f"{len(class_names)} class names and {len(palette)} colours for "
                           f"num_classes = {num_classes}")
     if meta.get("num_samples") != table.num_rows or sum(manifest.shard_counts) != table.num_rows:
-        raise _fail(path, f"{table.num_rows} rows, but the metadata records {meta.get('num_samples')} samples "
+        raise _fail(where, f"{table.num_rows} rows, but the metadata records {meta.get('num_samples')} samples "
                           f"and its shards hold {sum(manifest.shard_counts)}")
-    _check_columns(path, table.schema)
-    _check_rows(path, table, shards, num_classes, manifest.encoding)
+    _check_columns(where, table.schema)
+    _check_rows(where, table, shards, num_classes, manifest.encoding)
     if check_files:
         for info in shards:
-            shard = root / info.name
-            if not shard.is_file():
-                raise _fail(path, f"lists shard {info.name}, but {shard} is missing")
-            size = shard.stat().st_size
+            shard = manifest.shard_location(info.name)
+            try:
+                size = storage.size(shard, expected=f"shard {info.name} of {info.bytes} bytes")
+            except FileNotFoundError:
+                raise _fail(where, f"lists shard {info.name}, but {storage.display(shard)} is missing") from None
             if size != info.bytes:
-                raise _fail(path, f"lists shard {info.name} with {info.bytes} bytes, but {shard} has {size}")
+                raise _fail(where, f"lists shard {info.name} with {info.bytes} bytes, but {storage.display(shard)} "
+                                   f"has {size}")
     return manifest

@@ -4,7 +4,9 @@ Checked: each shard's byte size and sha256; the samples it holds, their order an
 their members (``<ext>``, ``label.png``, ``json``, or ``npy.lz4``, ``label.npy.lz4``,
 ``json`` for the lz4 encoding); each member's size and sha256; that image and label
 decode (through :func:`sharding.samples.decode_members`, as the loaders decode them) to
-the recorded size and the label's per-class pixel counts match; and that the ``json`` entry agrees with the row.
+the recorded size and the label's per-class pixel counts match; and that the ``json`` entry agrees with the row. The shard folder may be a
+local path or a URL (``sharding/storage.py``): each shard is read once, front to back, its
+sha256 taken on the way.
 """
 from __future__ import annotations
 
@@ -13,13 +15,13 @@ import json
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import IO, Any, Iterator, Sequence
 
 from tqdm import tqdm
 
+from sharding import storage
 from sharding.manifest import Manifest, ManifestError, list_splits, read_manifest
 from sharding.samples import class_pixel_counts, decode_members, label_member
-from sharding.pack import file_sha256
 from sharding.text import bar_disabled
 
 
@@ -37,11 +39,36 @@ class SplitCheck:
         return not self.problems
 
 
-def tar_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {extension: bytes}) for each sample of a tar, grouped as WebDataset groups them."""
+class _Hashing:
+    """A read-only stream that takes the sha256 of everything read through it."""
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self.raw, self.digest = raw, hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read(size)
+        self.digest.update(data)
+        return data
+
+    def hexdigest_to_end(self) -> str:
+        """Read what is left (a tar's zero padding) and return the sha256 of the whole stream."""
+        while self.read(1 << 20):
+            pass
+        return self.digest.hexdigest()
+
+
+def tar_samples(source: Path | str | IO[bytes]) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) for each sample of a tar, grouped as WebDataset groups them.
+
+    ``source``: a shard's location (a path or a URL) or a binary stream, read front to back once.
+    """
+    if isinstance(source, (str, Path)):
+        with storage.open_binary(source, expected="a tar shard") as stream:
+            yield from tar_samples(stream)
+        return
     key: str | None = None
     members: dict[str, bytes] = {}
-    with tarfile.open(path, "r:") as tar:
+    with tarfile.open(fileobj=source, mode="r|") as tar:
         for info in tar:
             if not info.isfile():
                 continue
@@ -120,21 +147,37 @@ def verify_split(shard_dir: Path | str, split: str, *, show_progress: bool = Tru
         shard_rows = rows[start:start + info.samples]
         start += info.samples
         check.shards += 1
-        path = manifest.root / info.name
+        path = manifest.shard_location(info.name)
         where = info.name
-        if not path.is_file():
-            check.problems.append(f"{where}: missing (expected {path})")
+        try:
+            size = storage.size(path, expected=f"shard {info.name}")
+        except FileNotFoundError:
+            check.problems.append(f"{where}: missing (expected {storage.display(path)})")
             bar.update(len(shard_rows))
             continue
-        size = path.stat().st_size
+        except OSError as exc:
+            check.problems.append(f"{where}: {exc}")
+            bar.update(len(shard_rows))
+            continue
         if size != info.bytes:
             check.problems.append(f"{where}: {size} bytes, the manifest says {info.bytes}")
-        elif file_sha256(path) != info.sha256:
-            check.problems.append(f"{where}: sha256 differs from the manifest")
+        unreadable: BaseException | None = None
         try:
-            found = list(tar_samples(path))
-        except (tarfile.TarError, OSError) as exc:
+            with storage.open_binary(path, expected=f"shard {info.name}") as raw:
+                stream = _Hashing(raw)
+                try:
+                    found = list(tar_samples(stream))
+                except tarfile.TarError as exc:
+                    unreadable = exc
+                sha256 = stream.hexdigest_to_end()
+        except OSError as exc:
             check.problems.append(f"{where}: unreadable tar ({type(exc).__name__}: {exc})")
+            bar.update(len(shard_rows))
+            continue
+        if size == info.bytes and sha256 != info.sha256:
+            check.problems.append(f"{where}: sha256 differs from the manifest")
+        if unreadable is not None:
+            check.problems.append(f"{where}: unreadable tar ({type(unreadable).__name__}: {unreadable})")
             bar.update(len(shard_rows))
             continue
         keys = [key for key, _ in found]

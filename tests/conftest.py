@@ -16,6 +16,8 @@ right tier by using them; a test that starts such things itself carries ``@pytes
 from __future__ import annotations
 
 import os
+import shutil
+from dataclasses import dataclass
 
 # One compute thread per process (torch, numpy, and the processes the tests start, unless the
 # caller set it): the tests run on a shared 2-core machine, where every process's 2-thread
@@ -81,9 +83,101 @@ def offline_torch_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
         yield home
 
 
+@dataclass(frozen=True)
+class S3Store:
+    """A local S3-compatible server holding a shard folder (see :func:`s3_shards`)."""
+
+    url: str  # s3://BUCKET/PREFIX of the uploaded shard folder
+    bucket: str
+    endpoint: str  # http://127.0.0.1:PORT
+    env: dict[str, str]  # the AWS_* variables that point a client (and Ray's workers) at it
+
+    def query_url(self, location: str) -> str:
+        """``location`` with the endpoint in its query (Ray's ``storage_path`` form) instead of the environment."""
+        return f"{location}?endpoint_override={self.endpoint.split('://', 1)[1]}&scheme=http"
+
+
+@pytest.fixture(scope="module")
+def s3_shards(tiny_shards: Path):
+    """``tiny_shards`` uploaded whole (s3fs ``put``) to a real S3-compatible server: moto's, in a
+    thread of this process on 127.0.0.1, for one test module. While the module runs, AWS_ACCESS_KEY_ID,
+    AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION and AWS_ENDPOINT_URL point at it (moto takes any key);
+    fsspec's cached S3 clients are dropped afterwards, as they hold the endpoint. Yields :class:`S3Store`."""
+    import logging
+
+    import fsspec
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's server logs every request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ACCESS_KEY_ID": "dfdam-test", "AWS_SECRET_ACCESS_KEY": "dfdam-test", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            for name, value in env.items():
+                patch.setenv(name, value)
+            for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
+                patch.delenv(name, raising=False)
+            s3fs.S3FileSystem.clear_instance_cache()
+            fs = fsspec.filesystem("s3")
+            bucket = "dfdam-test"
+            fs.mkdir(bucket)
+            fs.put(f"{tiny_shards}/", f"{bucket}/datasets/tiny-shards/", recursive=True)
+            yield S3Store(f"s3://{bucket}/datasets/tiny-shards", bucket, env["AWS_ENDPOINT_URL"], env)
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+        server.stop()
+
+
+@dataclass(frozen=True)
+class ServedShards:
+    """A shard folder copied whole into a web server's folder (see :func:`http_shards`)."""
+
+    url: str  # http://127.0.0.1:PORT/datasets/tiny-shards
+    folder: Path  # the served copy on this machine
+
+
+@pytest.fixture(scope="session")
+def http_shards(tiny_shards: Path, tmp_path_factory: pytest.TempPathFactory):
+    """``tiny_shards`` copied whole to ``<site>/datasets/tiny-shards``, served by a real
+    ``http.server`` (a thread of this process, on 127.0.0.1): yields :class:`ServedShards`. The
+    server answers 403 for anything under ``/private/`` (a copy is there too)."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    site = tmp_path_factory.mktemp("site")
+    for folder in ("datasets", "private"):
+        shutil.copytree(tiny_shards, site / folder / "tiny-shards")
+
+    class Handler(SimpleHTTPRequestHandler):
+        def send_head(self):
+            if self.path.startswith("/private/"):
+                self.send_error(403, "Forbidden")
+                return None
+            return super().send_head()
+
+        def log_message(self, format, *args):  # noqa: A002 - http.server's signature
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(site)))
+    thread = threading.Thread(target=server.serve_forever, name="http-shards", daemon=True)
+    thread.start()
+    try:
+        yield ServedShards(f"http://127.0.0.1:{server.server_address[1]}/datasets/tiny-shards",
+                           site / "datasets" / "tiny-shards")
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
 # Fixtures whose tests are slow: they start a Ray cluster (tests/pipeline/conftest.py,
-# tests/cluster/conftest.py). Add here any new fixture that starts Ray, a server or a pipeline run.
-SLOW_FIXTURES = frozenset({"ray_cluster", "two_node_cluster"})
+# tests/cluster/conftest.py) or a server. Add here any new fixture that starts Ray, a server or a pipeline run.
+SLOW_FIXTURES = frozenset({"ray_cluster", "two_node_cluster", "s3_shards", "http_shards"})
 
 # Tests slow for a reason no fixture shows, by node id (a file, or file::test), each with its
 # cost on the 2-core machine: kept out of `make test-fast` so that it stays under a minute.

@@ -15,7 +15,7 @@ from sharding.manifest import METADATA_KEY, Manifest, ManifestError, list_splits
 def test_read_manifest_gives_what_a_reader_needs(cityscapes_shards: Path) -> None:
     manifest = read_manifest(cityscapes_shards, "train")
     assert isinstance(manifest, Manifest)
-    assert manifest.root == cityscapes_shards.resolve() and manifest.split == "train"
+    assert manifest.root == str(cityscapes_shards.resolve()) and manifest.split == "train"
     assert manifest.dataset == "cityscapes" and manifest.num_samples == 6
     assert manifest.shards == [str(cityscapes_shards.resolve() / f"train-{i:06d}.tar") for i in range(2)]
     assert all(Path(s).is_absolute() and Path(s).is_file() for s in manifest.shards)
