@@ -50,8 +50,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from shared_machine import (REPO, json_safe, load_line, local_env, make_shards, run_logged,  # noqa: E402
-                            wait_for_quiet, warn_if_loaded)
+from shared_machine import (REPO, interrupt_on_signals, json_safe, load_line, local_env,  # noqa: E402
+                            make_shards, run_logged, wait_for_quiet, warn_if_loaded)
 
 from sharding.atomic import atomic_write_bytes  # noqa: E402
 from sharding.text import format_table, parse_size  # noqa: E402
@@ -181,7 +181,8 @@ def run_search(args: argparse.Namespace, shards: Path, work: Path, scheduler: st
             raise SystemExit(f"{what}: its MLflow parent run {parent} has no {key!r}")
         return history[-1][1]
 
-    search = Search(scheduler, trial_epochs=int(total("trial_epochs")), stopped_early=int(total("trials_stopped_early")),
+    search = Search(scheduler, trial_epochs=int(total("trial_epochs")),
+                    stopped_early=int(total("trials_stopped_early")),
                     best_val_miou=total("best_val_miou"), wall_s=total("wall_s"), command_s=done.wall_s,
                     load_before=done.load_before, load_mean=done.load_mean, parent_run_id=parent)
     folders = [p.name for p in (work / "runs" / f"search-{scheduler}").iterdir() if p.is_dir()]
@@ -243,6 +244,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    interrupt_on_signals()
     crop = f"{args.crop[0]}x{args.crop[1]}" if args.crop else "the preset's 128x128"
     print(f"search_efficiency: run.py tune, ASHA vs FIFO on the same {args.trials} trials of {args.epochs} epochs "
           f"({args.max_concurrent} at a time, 1 worker each, Optuna seed {args.seed}); {args.images} train + "

@@ -3,7 +3,8 @@ pipeline commands run as subprocesses on a machine other people use too.
 
 - the load average: printed, warned about, waited on, and sampled while a run goes;
 - :func:`run_logged`: one ``run.py`` subprocess to its end, its output in a log file, stopped
-  (it and every process below it, by pid) when it overruns or the benchmark is interrupted;
+  (it and every process below it, by pid) when it overruns or the benchmark is interrupted
+  (:func:`interrupt_on_signals`: SIGTERM too);
 - :func:`make_shards`: a synthetic Cityscapes generated and sharded in a work folder;
 - :func:`mean_finite`, :func:`json_safe`: small arithmetic and output helpers.
 """
@@ -130,6 +131,17 @@ def stop_tree(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
     _kill(procs)
     proc.wait(timeout=30)
+
+
+def interrupt_on_signals() -> None:
+    """SIGTERM, and SIGINT even where a background shell set it to be ignored, raise
+    KeyboardInterrupt in this process, so every run and cluster a benchmark started is stopped
+    (by :func:`run_logged` and the cluster's context manager) on the way out."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, interrupt)
 
 
 def local_env() -> dict[str, str]:

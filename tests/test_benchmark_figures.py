@@ -25,9 +25,11 @@ scaling = _load("train_scaling")
 search = _load("search_efficiency")
 
 
-def _run(setting: str, workers: int, speeds: list[float], logged_s: list[int] | None = None):
+def _run(setting: str, workers: int, speeds: list[float], logged_s: list[int] | None = None,
+         cpu: list[float] | None = None):
     logged_s = logged_s or [10 * (i + 1) for i in range(len(speeds))]
-    epochs = [scaling.Epoch(i + 1, v, t * 1000) for i, (v, t) in enumerate(zip(speeds, logged_s))]
+    cpu = cpu or [1.0] * len(speeds)
+    epochs = [scaling.Epoch(i + 1, v, t * 1000, cpu_share=c) for i, (v, t, c) in enumerate(zip(speeds, logged_s, cpu))]
     return scaling.Run(setting, workers, global_batch=4 * workers, images_per_epoch=48, epochs=epochs)
 
 
@@ -50,11 +52,14 @@ def test_epoch_wall_images_per_s_spans_from_the_last_skipped_epochs_record():
 
 def test_speedup_is_against_the_one_worker_run_of_the_same_setting():
     runs = [_run("local", 1, [1.0, 4.0]), _run("local", 2, [1.0, 7.0]),
-            _run("cluster", 1, [1.0, 4.0]), _run("cluster", 2, [1.0, 6.0])]
+            _run("cluster", 1, [1.0, 4.0], cpu=[1.0, 1.0]), _run("cluster", 2, [1.0, 6.0], cpu=[1.0, 0.5])]
     rows = {(r["setting"], r["workers"]): r for r in scaling.speedups(runs, skip=1, target=1.7)}
     assert rows["local", 1]["speedup"] == 1.0 and rows["local", 1]["verdict"] == "-"
     assert rows["local", 2]["speedup"] == 7.0 / 4.0 and rows["local", 2]["verdict"] == "pass"
     assert rows["cluster", 2]["speedup"] == 1.5 and rows["cluster", 2]["verdict"] == "FAIL"
+    # Workers that got half a core each: 48 images in 8 s of loop but 4 CPU-s per worker -> 12/s on
+    # whole cores, 3x the 1-worker run's 4/s; the verdict stays on the measured 1.5x.
+    assert rows["cluster", 2]["full_core_images_per_s"] == 12.0 and rows["cluster", 2]["full_core_speedup"] == 3.0
     table = scaling.scaling_table(list(rows.values()))
     assert [line.split()[:6] for line in table.splitlines()[2:]] == [
         ["local", "1", "4.00", "1.00x", "-", "-"], ["local", "2", "7.00", "1.75x", "1.7x", "pass"],
