@@ -104,6 +104,7 @@ def s3_shards(tiny_shards: Path):
     AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION and AWS_ENDPOINT_URL point at it (moto takes any key);
     fsspec's cached S3 clients are dropped afterwards, as they hold the endpoint. Yields :class:`S3Store`."""
     import logging
+    import urllib.request
 
     import fsspec
     import s3fs
@@ -113,6 +114,8 @@ def s3_shards(tiny_shards: Path):
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
+    # moto keeps its buckets in this process, shared by every server it starts: begin empty.
+    urllib.request.urlopen(urllib.request.Request(f"http://{host}:{port}/moto-api/reset", method="POST"), timeout=30)
     env = {"AWS_ACCESS_KEY_ID": "dfdam-test", "AWS_SECRET_ACCESS_KEY": "dfdam-test", "AWS_DEFAULT_REGION": "us-east-1",
            "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
     try:
