@@ -34,6 +34,8 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Any
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
+from sharding.tarstream import group_samples, tar_members
+
 # The URL schemes this project reads, with the package fsspec needs for each.
 PACKAGES = {"http": "aiohttp", "https": "aiohttp", "s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs"}
 S3_QUERY = ("endpoint_override", "scheme", "region")  # what an s3:// location's query may set
@@ -271,17 +273,19 @@ def _open_shards(sources: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
 
 
 def _shard_samples(sources: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    from webdataset.handlers import reraise_exception
-    from webdataset.tariterators import group_by_keys, tar_file_expander
-
-    files = tar_file_expander(_open_shards(sources), handler=reraise_exception)
-    return group_by_keys(files, handler=reraise_exception)
+    for source in sources:
+        url = source["url"]
+        with open_binary(url, expected="a WebDataset tar shard written by `run.py shard`") as stream:
+            for key, members in group_samples(tar_members(stream, display(url)), display(url)):
+                yield {"__key__": key, "__url__": url, **members}
 
 
 def shard_samples():
     """The WebDataset stage ``{"url": location}`` -> samples (``__key__``, ``__url__``, one entry
     per tar member), for local paths and URLs alike: ``wds.tarfile_to_samples()`` with fsspec
-    streams instead of ``gopen``. Errors raise (:func:`open_binary`'s, naming the shard)."""
+    streams instead of ``gopen``, and each member read whole in one go
+    (:mod:`sharding.tarstream`). Errors raise (:func:`open_binary`'s and
+    :class:`~sharding.tarstream.TarError`, naming the shard)."""
     return _shard_samples
 
 

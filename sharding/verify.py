@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Iterator, Sequence
@@ -22,6 +21,7 @@ from tqdm import tqdm
 from sharding import storage
 from sharding.manifest import Manifest, ManifestError, list_splits, read_manifest
 from sharding.samples import class_pixel_counts, decode_members, label_member
+from sharding.tarstream import TarError, group_samples, tar_members
 from sharding.text import bar_disabled
 
 
@@ -57,32 +57,17 @@ class _Hashing:
         return self.digest.hexdigest()
 
 
-def tar_samples(source: Path | str | IO[bytes]) -> Iterator[tuple[str, dict[str, bytes]]]:
+def tar_samples(source: Path | str | IO[bytes], where: str = "shard") -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {extension: bytes}) for each sample of a tar, grouped as WebDataset groups them.
 
-    ``source``: a shard's location (a path or a URL) or a binary stream, read front to back once.
+    ``source``: a shard's location (a path or a URL) or a binary stream, read front to back once;
+    ``where`` names a stream in errors.
     """
     if isinstance(source, (str, Path)):
         with storage.open_binary(source, expected="a tar shard") as stream:
-            yield from tar_samples(stream)
+            yield from tar_samples(stream, storage.display(source))
         return
-    key: str | None = None
-    members: dict[str, bytes] = {}
-    with tarfile.open(fileobj=source, mode="r|") as tar:
-        for info in tar:
-            if not info.isfile():
-                continue
-            folder, _, base = info.name.rpartition("/")
-            stem, _, ext = base.partition(".")  # WebDataset: the key ends at the basename's first dot
-            prefix = f"{folder}/{stem}" if folder else stem
-            if prefix != key:
-                if key is not None:
-                    yield key, members
-                key, members = prefix, {}
-            handle = tar.extractfile(info)
-            members[ext] = handle.read() if handle else b""
-    if key is not None:
-        yield key, members
+    yield from group_samples(tar_members(source, where), where)
 
 
 def check_sample(row: dict[str, Any], members: dict[str, bytes], manifest: Manifest) -> list[str]:
@@ -166,8 +151,8 @@ def verify_split(shard_dir: Path | str, split: str, *, show_progress: bool = Tru
             with storage.open_binary(path, expected=f"shard {info.name}") as raw:
                 stream = _Hashing(raw)
                 try:
-                    found = list(tar_samples(stream))
-                except tarfile.TarError as exc:
+                    found = list(tar_samples(stream, info.name))
+                except TarError as exc:
                     unreadable = exc
                 sha256 = stream.hexdigest_to_end()
         except OSError as exc:
