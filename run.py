@@ -64,6 +64,10 @@ def _add_config_args(p: argparse.ArgumentParser, default_preset: str = "syntheti
     p.add_argument("--workers", type=int, help="Ray Train workers (train.workers)")
     p.add_argument("--epochs", type=int, help="epochs (train.epochs)")
     p.add_argument("--gpu", action="store_true", help="one GPU per worker, NCCL, mixed precision")
+    p.add_argument("--cpus-per-worker", type=int, metavar="N",
+                   help="CPUs Ray reserves for each worker (train.cpus_per_worker, default 1): its training loop "
+                        "takes one, the others run data-loading processes (data.loader_workers, -1 by default "
+                        "= N - 1, at least 1); give a GPU worker the cores its node has per GPU, e.g. 8")
     p.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local cluster)")
     p.add_argument("--storage", help="Ray Train storage folder for checkpoints (train.storage, default ./runs); "
                                      "on a multi-node cluster a path every node reaches (NFS), or s3://BUCKET/PATH "
@@ -84,6 +88,8 @@ def _config_from_args(args: argparse.Namespace):
         overrides.append(f"train.epochs={args.epochs}")
     if args.gpu:
         overrides.append("train.gpu=true")
+    if args.cpus_per_worker is not None:
+        overrides.append(f"train.cpus_per_worker={args.cpus_per_worker}")
     if args.storage:
         overrides.append(f"train.storage={args.storage}")
     if args.max_failures is not None:

@@ -349,6 +349,7 @@ def validate(config: Config) -> Config:
         (config.loss.lambda_c >= 0 and config.loss.lambda_s >= 0, "loss.lambda_c and loss.lambda_s must be >= 0"),
         (config.train.epochs >= 1, "train.epochs must be at least 1"),
         (config.train.workers >= 1, "train.workers must be at least 1"),
+        (config.train.cpus_per_worker >= 1, "train.cpus_per_worker must be at least 1"),
         (config.train.max_failures >= -1, "train.max_failures must be -1 (no limit) or at least 0"),
         (config.data.loader_workers >= -1, "data.loader_workers must be -1 (from train.cpus_per_worker) or at least 0"),
         (config.data.prefetch_batches >= 1, "data.prefetch_batches must be at least 1"),
