@@ -4,7 +4,8 @@
 # psutil, pyyaml, requests, aiohttp, grpcio, protobuf ... but no Ray, MLflow or WebDataset, and
 # no network. Two sets; together with the repository they fit the 64 MiB one device call carries:
 #
-#   .whl/stage1/  webdataset, braceexpand, cityscapesscripts (its labels table only): stage 1
+#   .whl/stage1/  webdataset, braceexpand, cityscapesscripts (its labels table only), lz4 (shards
+#                 written with --image-encoding lz4): stage 1
 #   .whl/stage2/  Ray 2.60.0 repacked without what a Python-only local run never loads (ray/jars:
 #                 Java workers, 31 MiB; ray/rllib, ray/llm; the dashboard web UI's source maps),
 #                 mlflow-skinny (MLflow's Python code without the tracking server's web UI), and
@@ -27,7 +28,7 @@ PYTHON=${PYTHON:-python3}
 CONSTRAINTS=constraints.txt
 RAY_ZIP=${RAY_ZIP:-lzma}
 
-STAGE1="webdataset braceexpand cityscapesscripts"
+STAGE1="webdataset braceexpand cityscapesscripts lz4"
 # Stage 2: what `run.py train` (Ray Train on a local cluster) and `run.py evaluate` import,
 # MLflow's SQLite store included, found by tracing every process's imports during
 # `gpu_check.sh --cpu-smoke` and running it in an environment holding only the GPU image's

@@ -22,20 +22,30 @@ Two measurements, both for ONE training worker (one Ray Train worker = one proce
    ``torch.set_num_threads(N)`` is applied for each ``--threads`` value: a Ray worker
    with ``train.cpus_per_worker = 1`` runs with 1 thread.
 
-2. **Data loading samples/s** for one loader process (``data.loader_workers = 0``).
-   The project's shard reader ``pipeline.data.train_loader`` (WebDataset: resampled
-   shards, shuffle buffer, decode, ``TrainTransform``, batching) beside the *same
-   images* read as loose Cityscapes files (PIL decode, label ids -> train ids with
-   ``sharding.cityscapes.train_id_lut()``, the same ``TrainTransform``, the same
-   batching). The ``decode only`` rows stop after decoding (image RGB + train-id label),
-   so ``full - decode only`` is the cost of augmentation (random scale, crop, flip,
-   normalise). Every file is read once before timing, so both paths read from the page
-   cache: the numbers are CPU costs, not disk speed. Each row counts ``--samples``
-   samples inside one ``train_loader`` epoch (the steady state); the fastest of
-   ``--repeat`` runs is reported. What each new epoch pays once (pipeline start and the
-   shuffle buffer's fill) is printed below the table. Compare samples/s here with
-   training images/s above: the loader keeps up when it is faster, and
-   ``data.loader_workers`` extra processes multiply it where spare cores exist.
+2. **Data loading samples/s** for one loader process (``data.loader_workers = 0``): what
+   one CPU core prepares for training. Rows, all from the same frames:
+
+   * ``shards / png``: the shards as ``run.py shard`` writes them by default (the original
+     image bytes, a train-id label PNG); ``shards / lz4``: the same split written with
+     ``--image-encoding lz4`` (decoded pixels, LZ4-compressed);
+   * ``decode only``: tar reading and decoding (image RGB + train-id label);
+   * ``full: before``: the path before issue 11, as its peer: the whole frame resized then
+     cut (``TrainTransform(resize="frame")``), normalised to float32 in the loader;
+   * ``full: train_loader``: ``pipeline.data.train_loader`` itself (resampled shards, shuffle
+     buffer, decode, ``TrainTransform`` resizing only the crop's window, uint8 batches; the
+     normalisation runs on the training device);
+   * ``loose files``: the same PNG files read as a Cityscapes folder (PIL decode, label ids ->
+     train ids with ``sharding.cityscapes.train_id_lut()``), then the same transform.
+
+   ``augment ms`` = full - decode only of the same source; ``vs before`` compares each full
+   row with the path before; ``vs loose files`` compares shards with loose files at the same
+   stage. A goals table checks the full path against ``--target`` x the path before and the
+   shard reader against loose files. Every file is read once before timing, so all rows read
+   from the page cache: the numbers are CPU costs, not disk speed. Each row counts
+   ``--samples`` samples in the steady state; the fastest of ``--repeat`` runs is reported.
+   What each new epoch pays once (pipeline start and the shuffle buffer's fill) is printed
+   below. Compare samples/s with training images/s above: the loader keeps up when it is
+   faster, and ``data.loader_workers`` processes multiply it where spare cores exist.
 
 Without ``--data-root``/``--shards`` a synthetic Cityscapes (``sharding.synthetic``) is
 generated and sharded in a temporary folder; by default its frames are crop_h x 2*crop_w,
@@ -45,6 +55,10 @@ Examples::
 
     python benchmarks/train_throughput.py                       # CPU, crop 256x256, batch 4
     python benchmarks/train_throughput.py --threads 1,2 --json out.json
+    python benchmarks/train_throughput.py --crop 1024x1024 --batch 8 --skip-train \\
+        --images 40 --samples 24 --repeat 1              # issue 11's data path at the Cityscapes recipe
+    python benchmarks/train_throughput.py --dataset voc --crop 512x512 --batch 16 --skip-train \\
+        --images 96 --samples 64                         # ... and at the VOC recipe
     python benchmarks/train_throughput.py --device cuda --crop 1024x1024 --batch 8 \\
         --data-root /data/cityscapes --shards /data/shards/cityscapes    # the paper's Cityscapes setting
     python benchmarks/train_throughput.py --device cuda --crop 512x512 --batch 16 --skip-data  # VOC setting
@@ -83,17 +97,19 @@ from pipeline.config import DataConfig, LossConfig, OptimConfig  # noqa: E402
 from pipeline.data import decode_sample, train_loader  # noqa: E402
 from pipeline.optim import PolySchedule, build_optimizer, set_lr  # noqa: E402
 from pipeline.loop import train_step  # noqa: E402
-from pipeline.transforms import TrainTransform  # noqa: E402
+from pipeline.transforms import TrainTransform, normalize_batch  # noqa: E402
 from sharding.cityscapes import IMAGE_SUFFIX, LABEL_SUFFIX, train_id_lut  # noqa: E402
 from sharding.classes import IGNORE_INDEX  # noqa: E402
 from sharding.manifest import Manifest, read_manifest  # noqa: E402
-from sharding.synthetic import make_cityscapes  # noqa: E402
+from sharding.storage import shard_samples  # noqa: E402
+from sharding.synthetic import make_cityscapes, make_voc  # noqa: E402
 from sharding.text import format_table, parse_size  # noqa: E402
 from sharding.write import shard_dataset  # noqa: E402
 
 NUM_CLASSES = 19  # Cityscapes train ids
 MIN_SIZE = 32  # the trunk's output stride
 SPLIT = "train"
+VOC_SPLIT = "train_aug"
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -129,7 +145,8 @@ class TrainRow:
 @dataclass
 class DataRow:
     source: str  # "shards" | "loose files"
-    stage: str  # "decode only" | "full (train loader)" | ...
+    encoding: str  # "png" (the original bytes) | "lz4" (run.py shard --image-encoding lz4)
+    stage: str  # "decode only" | "full: ..." (decode + augment + batch)
     samples: int
     seconds: float  # fastest of the repeats
 
@@ -140,6 +157,10 @@ class DataRow:
     @property
     def ms_per_sample(self) -> float:
         return 1e3 * self.seconds / self.samples
+
+    @property
+    def is_full(self) -> bool:
+        return self.stage.startswith("full")
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "samples_per_s": self.samples_per_s, "ms_per_sample": self.ms_per_sample}
@@ -289,16 +310,43 @@ def loose_full_stream(pairs: list[LooseSample], transform: TrainTransform, batch
         yield images.shape[0]
 
 
-def shard_decode_stream(manifest: Manifest) -> Iterator[int]:
-    """The shards in order, each sample decoded by ``pipeline.data.decode_sample``."""
+def _shard_samples(manifest: Manifest, before: bool = False) -> Iterator[dict[str, Any]]:
+    """The shards' samples in order, each decoded by ``pipeline.data.decode_sample``, forever: read
+    by the loaders' tar reader (``sharding.storage.shard_samples``), or with ``before`` by the one
+    they used before issue 11 (WebDataset's ``tarfile_to_samples``, tarfile's streaming mode)."""
     import webdataset as wds
 
-    def once() -> Iterator[dict[str, Any]]:
-        return iter(wds.DataPipeline(wds.SimpleShardList(list(manifest.shards)),
-                                     wds.tarfile_to_samples(handler=wds.reraise_exception), wds.map(decode_sample)))
+    reader = wds.tarfile_to_samples(handler=wds.reraise_exception) if before else shard_samples()
 
-    for sample in _cycle(once):
+    def once() -> Iterator[dict[str, Any]]:
+        return iter(wds.DataPipeline(wds.SimpleShardList(list(manifest.shards)), reader, wds.map(decode_sample)))
+
+    return _cycle(once)
+
+
+def shard_decode_stream(manifest: Manifest) -> Iterator[int]:
+    for sample in _shard_samples(manifest):
         yield 1 if sample["image"].size else 0
+
+
+def before_stream(manifest: Manifest, cfg: DataConfig) -> Iterator[int]:
+    """The data path as it was before issue 11, per sample: tarfile's streaming reader, decode,
+    resize the *whole* frame, cut
+    (``TrainTransform(resize="frame")``), normalise to float32 on the CPU (what the loader
+    process did), then stack float32 batches. Read in shard order without the shuffle buffer,
+    which only makes this peer a little faster than the ``train_loader`` it was."""
+    transform = TrainTransform(cfg.crop_size, cfg.scales, cfg.mean, cfg.std, resize="frame")
+    rng = np.random.default_rng(0)
+    samples = _shard_samples(manifest, before=True)
+
+    def one() -> tuple[torch.Tensor, torch.Tensor]:
+        sample = next(samples)
+        image, label = transform(sample["image"], sample["label"], rng)
+        return normalize_batch(image[None], cfg.mean, cfg.std)[0], label.long()
+
+    while True:
+        images, _ = _collate([one() for _ in range(cfg.batch_size)])
+        yield images.shape[0]
 
 
 def shard_full_stream(manifest: Manifest, cfg: DataConfig) -> Iterator[int]:
@@ -335,39 +383,59 @@ def time_stream(make: Callable[[], Iterator[int]], samples: int, warmup: int, re
     return best
 
 
-def run_data(manifest: Manifest | None, pairs: list[LooseSample] | None, crop: tuple[int, int], batch: int,
+BEFORE = "full: before (whole-frame resize, float32 on CPU)"
+AFTER = "full: train_loader (window resize, uint8)"
+LOOSE = "full: same transform as train_loader"
+
+
+def run_data(manifests: dict[str, Manifest], pairs: list[LooseSample] | None, crop: tuple[int, int], batch: int,
              samples: int, repeat: int, log: Callable[[str], None]) -> tuple[list[DataRow], float | None]:
-    """The data rows, and ``train_loader``'s first-batch latency (None without shards)."""
+    """The data rows, and ``train_loader``'s first-batch latency on the original shards (None without shards).
+
+    ``manifests`` maps an encoding ("png", "lz4") to the same split packed that way."""
     cfg = DataConfig(crop_size=crop, batch_size=batch, loader_workers=0)
     transform = TrainTransform(cfg.crop_size, cfg.scales, cfg.mean, cfg.std)
-    streams: list[tuple[str, str, Callable[[], Iterator[int]]]] = []
-    if manifest is not None:
+    streams: list[tuple[str, str, str, Callable[[], Iterator[int]]]] = []
+    for encoding, manifest in manifests.items():
         for path in manifest.shards:  # page cache
             Path(path).read_bytes()
-        streams += [("shards", "decode only", lambda: shard_decode_stream(manifest)),
-                    ("shards", "full (train_loader)", lambda: shard_full_stream(manifest, cfg))]
+        streams.append(("shards", encoding, "decode only", lambda m=manifest: shard_decode_stream(m)))
+        if encoding != "lz4":  # the path before issue 11 read the original bytes
+            streams.append(("shards", encoding, BEFORE, lambda m=manifest: before_stream(m, cfg)))
+        streams.append(("shards", encoding, AFTER, lambda m=manifest: shard_full_stream(m, cfg)))
     if pairs is not None:
         for pair in pairs:
             pair.image.read_bytes()
             pair.label.read_bytes()
-        streams += [("loose files", "decode only", lambda: loose_decode_stream(pairs)),
-                    ("loose files", "full (same transform)", lambda: loose_full_stream(pairs, transform, batch))]
-    if manifest is not None and manifest.num_samples < samples + batch:
-        print(f"note: {manifest.num_samples} shard samples < {samples} + a warm-up batch: the train_loader row "
-            f"crosses epochs and includes their start-up cost")
+        streams += [("loose files", "png", "decode only", lambda: loose_decode_stream(pairs)),
+                    ("loose files", "png", LOOSE, lambda: loose_full_stream(pairs, transform, batch))]
+    first = next(iter(manifests.values()), None)
+    if first is not None and first.num_samples < samples + batch:
+        print(f"note: {first.num_samples} shard samples < {samples} + a warm-up batch: the train_loader rows "
+              f"cross epochs and include their start-up cost")
     rows = []
-    for source, stage, make in streams:
-        log(f"  reading {source}: {stage} ...")
-        rows.append(DataRow(source, stage, samples, time_stream(make, samples, warmup=batch, repeat=repeat)))
-    return rows, first_batch_seconds(manifest, cfg) if manifest is not None else None
+    for source, encoding, stage, make in streams:
+        log(f"  reading {source} ({encoding}): {stage} ...")
+        rows.append(DataRow(source, encoding, stage, samples, time_stream(make, samples, warmup=batch, repeat=repeat)))
+    return rows, first_batch_seconds(first, cfg) if first is not None else None
 
 
 def prepare_data(args: argparse.Namespace, crop: tuple[int, int], scratch: Path,
-                 log: Callable[[str], None]) -> tuple[Manifest | None, list[LooseSample] | None, str]:
-    """The manifest and loose files to read, generating and sharding a synthetic set when none is given."""
+                 log: Callable[[str], None]) -> tuple[dict[str, Manifest], list[LooseSample] | None, str]:
+    """The manifests (per encoding) and loose files to read, generating and sharding a synthetic set
+    when none is given. With ``--shards`` only that folder is read (whatever its encoding)."""
     root: Path | None = args.data_root
     shards: Path | None = args.shards
-    if root is None and shards is None:
+    split = VOC_SPLIT if args.dataset == "voc" else SPLIT
+    if args.dataset == "voc" and shards is None:
+        # VOC's photos: JPEG, each side at most 500 px (sharding.synthetic draws them in [333, 500]).
+        root = scratch / "voc"
+        start = time.perf_counter()
+        make_voc(root, seed=0, train_aug=args.images, val=2, test=0, min_size=333, max_size=500)
+        log(f"  generated {args.images} synthetic VOC photos (JPEG, sides 333-500) in "
+            f"{time.perf_counter() - start:.1f} s")
+        described = f"synthetic VOC, {args.images} JPEG photos of 333-500 px a side"
+    elif root is None and shards is None:
         height, width = parse_size(args.image_size, MIN_SIZE) if args.image_size else (crop[0], 2 * crop[1])
         root = scratch / "cityscapes"
         start = time.perf_counter()
@@ -377,16 +445,27 @@ def prepare_data(args: argparse.Namespace, crop: tuple[int, int], scratch: Path,
         described = f"synthetic Cityscapes, {args.images} frames of {height}x{width}"
     else:
         described = f"{root or '(no loose files)'} / {shards or '(shards written here)'}"
-    if shards is None:
+    manifests: dict[str, Manifest] = {}
+    if shards is not None:
+        manifest = read_manifest(shards, split)
+        manifests["lz4" if manifest.encoding == "lz4" else manifest.table.column("image_ext")[0].as_py()] = manifest
+    else:
         assert root is not None
-        shards = scratch / "shards"
-        start = time.perf_counter()
-        shard_dataset("cityscapes", root, shards, splits=[SPLIT], shard_size=8, workers=1,
-                      show_progress=False, partial=True)
-        log(f"  sharded them (8 per shard) in {time.perf_counter() - start:.1f} s")
-    manifest = read_manifest(shards, SPLIT)
-    pairs = loose_samples(root) if root is not None else None
-    return manifest, pairs, f"{described}; {manifest.num_samples} samples in {len(manifest.shards)} shards"
+        original = "jpg" if args.dataset == "voc" else "png"
+        for encoding, option in ((original, "original"), ("lz4", "lz4")):
+            folder = scratch / f"shards-{encoding}"
+            start = time.perf_counter()
+            shard_dataset(args.dataset, root, folder, splits=[split], shard_size=8, workers=1,
+                          show_progress=False, partial=True, encoding=option)
+            manifests[encoding] = read_manifest(folder, split)
+            size = sum(info.bytes for info in manifests[encoding].shard_infos) / 1e6
+            log(f"  sharded them (8 per shard, --image-encoding {option}: {size:.0f} MB) "
+                f"in {time.perf_counter() - start:.1f} s")
+    pairs = loose_samples(root) if root is not None and args.dataset == "cityscapes" else None
+    first = next(iter(manifests.values()))
+    sizes = ", ".join(f"{enc} {sum(i.bytes for i in m.shard_infos) / m.num_samples / 1e6:.2f} MB/sample"
+                      for enc, m in manifests.items())
+    return manifests, pairs, f"{described}; {first.num_samples} samples in {len(first.shards)} shards ({sizes})"
 
 
 # ----------------------------------------------------------------------------- output
@@ -410,22 +489,44 @@ def train_table(rows: list[TrainRow]) -> str:
 
 
 def data_table(rows: list[DataRow]) -> str:
-    """Samples/s per row; augmentation = full - decode only (same source); each row vs the shards' same stage."""
-    def is_decode(r: DataRow) -> bool:
-        return r.stage == "decode only"
-
-    decode = {r.source: r for r in rows if is_decode(r)}
-    shard_rows = {is_decode(r): r for r in rows if r.source == "shards"}
+    """Samples/s per row; augment = full - decode only (same source and encoding); each row beside
+    the path before issue 11 (``before``) and beside the loose files' same stage."""
+    decode = {(r.source, r.encoding): r for r in rows if not r.is_full}
+    before = next((r for r in rows if r.stage == BEFORE), None)
+    loose = {r.is_full: r for r in rows if r.source == "loose files"}
     lines = []
     for r in rows:
-        augment = ""
-        if not is_decode(r) and r.source in decode:
-            augment = f"{r.ms_per_sample - decode[r.source].ms_per_sample:.2f}"
-        peer = shard_rows.get(is_decode(r))
-        lines.append([r.source, r.stage, str(r.samples), f"{r.samples_per_s:.1f}", f"{r.ms_per_sample:.2f}",
-                      augment, f"{r.samples_per_s / peer.samples_per_s:.2f}x" if peer else ""])
-    return format_table(["source", "stage", "samples", "samples/s", "ms/sample", "augment ms (full - decode)",
-                  "vs shards"], lines)
+        base = decode.get((r.source, r.encoding))
+        augment = f"{r.ms_per_sample - base.ms_per_sample:.2f}" if r.is_full and base else ""
+        vs_before = f"{r.samples_per_s / before.samples_per_s:.2f}x" if before and r.is_full else ""
+        peer = loose.get(r.is_full)
+        vs_loose = f"{r.samples_per_s / peer.samples_per_s:.2f}x" if peer and r.source == "shards" else ""
+        lines.append([r.source, r.encoding, r.stage, str(r.samples), f"{r.samples_per_s:.1f}",
+                      f"{r.ms_per_sample:.2f}", augment, vs_before, vs_loose])
+    return format_table(["source", "encoding", "stage", "samples", "samples/s", "ms/sample", "augment ms",
+                         "vs before", "vs loose files"], lines)
+
+
+def goals_table(rows: list[DataRow], target: float) -> str:
+    """Issue 11's two data goals, measured in this run: the full path against the path before
+    (``target`` x, per core) and the shard reader against loose files for the same work."""
+    def find(source: str, encoding: str, stage: str) -> DataRow | None:
+        return next((r for r in rows if (r.source, r.encoding, r.stage) == (source, encoding, stage)), None)
+
+    before = next((r for r in rows if r.stage == BEFORE), None)
+    lines = []
+    for after in (r for r in rows if r.stage == AFTER):
+        if before:
+            ratio = after.samples_per_s / before.samples_per_s
+            lines.append([f"full path ({after.encoding} shards) / before", f"{ratio:.2f}x", f">= {target:g}x",
+                          "pass" if ratio >= target else "FAIL"])
+    for stage_a, stage_b, what in (("decode only", "decode only", "decode only"), (AFTER, LOOSE, "full")):
+        shard, loose = find("shards", "png", stage_a), find("loose files", "png", stage_b)
+        if shard and loose:
+            ratio = shard.samples_per_s / loose.samples_per_s
+            lines.append([f"shards / loose files, same PNGs, {what}", f"{ratio:.2f}x", ">= 1x",
+                          "pass" if ratio >= 1.0 else "FAIL"])
+    return format_table(["goal", "measured", "target", ""], lines)
 
 
 # ----------------------------------------------------------------------------- main
@@ -479,6 +580,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--amp", choices=["auto", "off", "bf16", "fp16"], default="auto",
                         help="autocast dtype for training; auto = fp16 + GradScaler on cuda (what train.amp "
                              "does) and off on cpu; bf16 needs no scaler")
+    parser.add_argument("--dataset", choices=["cityscapes", "voc"], default="cityscapes",
+                        help="synthetic data for the data rows: Cityscapes frames (PNG, also read as loose files) "
+                             "or VOC photos (JPEG, 333-500 px a side, split train_aug; the VOC recipe crops "
+                             "512x512, batch 16); with --shards, the split read (train or train_aug)")
     parser.add_argument("--data-root", type=Path, help="a Cityscapes-layout dataset for the loose-file rows "
                         "(leftImg8bit/ + gtFine/); sharded into a temporary folder unless --shards is given "
                         "(minutes for the full Cityscapes train split)")
@@ -490,6 +595,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", metavar="HxW", help="synthetic frame size (default crop_h x 2*crop_w)")
     parser.add_argument("--samples", type=int, default=96, help="samples counted per data row (default 96)")
     parser.add_argument("--repeat", type=int, default=2, help="runs per data row, fastest reported (default 2)")
+    parser.add_argument("--target", type=float, default=5.0,
+                        help="speed-up of the full data path over the path before issue 11 to check (default 5)")
     parser.add_argument("--skip-train", action="store_true", help="only measure data loading")
     parser.add_argument("--skip-data", action="store_true", help="only measure training")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write every number to this JSON file")
@@ -497,6 +604,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.batch < 1 or args.steps < 1 or args.warmup < 0 or args.samples < 1 or args.repeat < 1:
         parser.error("--batch, --steps, --samples and --repeat must be >= 1, --warmup >= 0")
+    if args.dataset == "voc" and args.data_root:
+        parser.error("--data-root is a Cityscapes folder (the loose-file rows); for VOC pass --shards")
     if args.image_size:
         size_arg(args.image_size)
 
@@ -535,13 +644,15 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads[0])
         scratch = Path(tempfile.mkdtemp(prefix="train-throughput-"))
         try:
-            manifest, pairs, described = prepare_data(args, crop, scratch, log)
-            rows_d, first_batch = run_data(manifest, pairs, crop, args.batch, args.samples, args.repeat, log)
+            manifests, pairs, described = prepare_data(args, crop, scratch, log)
+            rows_d, first_batch = run_data(manifests, pairs, crop, args.batch, args.samples, args.repeat, log)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         print(f"\nData loading, one process (loader_workers=0, {args.threads[0]} torch thread(s)): {described}; "
               f"crop {crop[0]}x{crop[1]}, batch {args.batch}, fastest of {args.repeat}, page cache warm")
         print(data_table(rows_d))
+        print()
+        print(goals_table(rows_d, args.target))
         if first_batch is not None:
             print(f"train_loader's first batch of an epoch: {first_batch * 1e3:.0f} ms (pipeline start + shuffle "
                   f"buffer fill, paid once per epoch; not in the rows above when one epoch covers the samples)")

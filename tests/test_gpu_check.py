@@ -23,6 +23,8 @@ EXPECTED = [
     (1, "environment"),
     (1, "synthetic Cityscapes -> shards"),
     (1, "train DF-DAM-R18"),
+    (1, "train DF-DAM-R18, lz4 shards"),
+    (1, "train DF-DAM-R18, VOC JPEG"),
     (1, "train DF-DAM-R101"),
     (1, "train DeepLabV3-R50 torchvision"),
     (1, "resume onto cpu (setup_training)"),
