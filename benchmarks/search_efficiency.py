@@ -26,8 +26,9 @@ count too). The figures come from the searches' MLflow runs (the parent run's to
 trial's ``val_miou`` history), read back through ``pipeline/tracking.py``.
 
 The defaults are the demo's search on the demo's dataset (48 training and 12 validation frames
-of 128x256, 8 per shard): 4 trials of 4 epochs, 2 at a time, about 4-5 minutes per search on
-an idle 2-core machine. ``--images``, ``--trials`` and ``--epochs`` shrink or grow it.
+of 128x256, 8 per shard): 4 trials of 4 epochs, 2 at a time; on this 2-core machine 6-7 minutes
+per search at a load average of 10-12 (others' work), less when it is quiet. ``--images``,
+``--trials`` and ``--epochs`` shrink or grow it.
 
 Examples::
 

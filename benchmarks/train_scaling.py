@@ -44,17 +44,20 @@ measured ``images/s`` alone.
 
 Why 256x256 crops and 4 images per worker (the defaults): DF-DAM-R18 has 11.7 M parameters,
 so every step all-reduces 47 MB of fp32 gradients; gloo over loopback took 55-80 ms for that
-on this machine, while one worker's step at 256x256, batch 4, 1 thread is about 3 s of
-compute (``benchmarks/train_throughput.py``: ~1 s at 128x128). Communication is then ~2-3 %
-of a step, so the speed-up measures the cores, not the all-reduce. Smaller crops or batches
+on this machine, while one worker's step at 256x256, batch 4, 1 thread takes about 2.2 s
+(this benchmark's 1-worker rows: 1.6-1.8 images/s on a whole core; ~1 s at 128x128, from
+``benchmarks/train_throughput.py``). Communication is then ~3 % of a step, so the speed-up
+measures the cores, not the all-reduce. Smaller crops or batches
 make the all-reduce's share larger (at the demo's 128x128 with 4 images per worker, ~7 %).
 
 This machine is shared: the 1-minute load average is printed before the runs and beside every
 row (as the run started, and its mean sampled during the run, which includes the run's own
 busy workers: about one per worker, plus Ray's start-up), and warned about when it is high. A
 2-worker job needs both cores; anything else running takes its share of them, and only rows
-run at a low load say what the code can do. ``--wait-load`` waits (up to ``--wait-max-s``) for
-a quieter machine before each run.
+run at a low load say what the code can do. Ray starts its workers at niceness 15
+(``RAY_worker_niceness``), so an ordinary process of someone else's (niceness 0) on the same
+core takes nearly all of it: ``CPU/worker`` shows when that happened. ``--wait-load`` waits
+(up to ``--wait-max-s``) for a quieter machine before each run.
 
 Examples::
 
