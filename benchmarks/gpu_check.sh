@@ -21,7 +21,7 @@
 #                 (gpu_check.log) and run.py's (gpu_check_stage2.log) are written there too
 #
 # Wheels: what the interpreter lacks is installed (pip --target, no index, no deps) from wheels
-# carried in .whl/stage1 (webdataset, braceexpand, cityscapesscripts) and .whl/stage2 (Ray repacked
+# carried in .whl/stage1 (webdataset, braceexpand, cityscapesscripts, lz4) and .whl/stage2 (Ray repacked
 # without its Java jars, mlflow-skinny, and their dependencies that the GPU image lacks), which
 # `bash benchmarks/prepare_gpu_wheels.sh` downloads here (cp312, manylinux x86_64). Measured: stage1
 # 0.5 MiB, stage2 49 MiB (Ray LZMA-compressed; 59.7 MiB with RAY_ZIP=deflate), the repository
@@ -54,7 +54,7 @@ if [ -n "${OUT:-}" ]; then mkdir -p "$OUT" && : > "$OUT/gpu_check.log"; fi
 
 # 1. Carried wheels, for what this interpreter cannot import.
 wheels=()
-if ! "$PY" -c "import webdataset, cityscapesscripts.helpers.labels" 2>/dev/null; then
+if ! "$PY" -c "import webdataset, cityscapesscripts.helpers.labels, lz4.frame" 2>/dev/null; then
     wheels+=(.whl/stage1/*.whl)
 fi
 if ! "$PY" -c "import ray, mlflow" 2>/dev/null; then
