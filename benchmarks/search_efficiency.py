@@ -51,8 +51,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from shared_machine import (REPO, interrupt_on_signals, json_safe, load_line, local_env,  # noqa: E402
-                            make_shards, run_logged, wait_for_quiet, warn_if_loaded)
+from shared_machine import (REPO, add_run_options, interrupt_on_signals, json_safe,  # noqa: E402
+                            load_line, local_env, make_shards, run_logged, wait_for_quiet, warn_if_loaded)
 
 from sharding.atomic import atomic_write_bytes  # noqa: E402
 from sharding.text import format_table, parse_size  # noqa: E402
@@ -221,12 +221,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--crop", type=parse_size, default=None, metavar="HxW",
                    help="training crop (default: the synthetic preset's 128x128; --quick 64x64)")
     p.add_argument("--shard-size", type=int, default=8, help="samples per shard (default 8, the demo's)")
-    p.add_argument("--wait-load", type=float, default=0.0, metavar="LOAD",
-                   help="before each search, wait for the 1-minute load average to fall to LOAD (default 0: no wait)")
-    p.add_argument("--wait-max-s", type=float, default=300.0, help="longest wait for --wait-load (default 300)")
-    p.add_argument("--run-timeout-s", type=float, default=1800.0, help="stop a search after this long (default 1800)")
-    p.add_argument("--workdir", type=Path, help="keep data, runs, MLflow store and logs here (default: a temporary "
-                                                 "folder, removed at the end)")
+    add_run_options(p, "search")
     p.add_argument("--json", type=Path, metavar="PATH", help="also write both searches as JSON (atomically)")
     p.add_argument("--quick", action="store_true",
                    help="a smoke run: 2 trials of 2 epochs on 8 frames of 64x128, 64x64 crops (figures meaningless)")

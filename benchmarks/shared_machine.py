@@ -6,10 +6,13 @@ pipeline commands run as subprocesses on a machine other people use too.
   (it and every process below it, by pid) when it overruns or the benchmark is interrupted
   (:func:`interrupt_on_signals`: SIGTERM too);
 - :func:`make_shards`: a synthetic Cityscapes generated and sharded in a work folder;
+- :func:`add_run_options`: the command-line options both share (waiting for a quiet machine,
+  the run timeout, the work folder);
 - :func:`mean_finite`, :func:`json_safe`: small arithmetic and output helpers.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import math
 import os
@@ -31,6 +34,16 @@ HIGH_LOAD = 0.5  # a 1-minute load average above this on the cores a run needs i
 
 
 # ----------------------------------------------------------------------------- the load average
+
+
+def add_run_options(p: argparse.ArgumentParser, what: str) -> None:
+    """--wait-load, --wait-max-s, --run-timeout-s and --workdir; ``what`` is one timed unit ("run", "search")."""
+    p.add_argument("--wait-load", type=float, default=0.0, metavar="LOAD",
+                   help=f"before each {what}, wait for the 1-minute load average to fall to LOAD (default 0: no wait)")
+    p.add_argument("--wait-max-s", type=float, default=300.0, help="longest wait for --wait-load (default 300)")
+    p.add_argument("--run-timeout-s", type=float, default=1800.0, help=f"stop a {what} after this long (default 1800)")
+    p.add_argument("--workdir", type=Path, help="keep data, runs, MLflow store and logs here (default: a temporary "
+                                                 "folder, removed at the end)")
 
 
 def load_line() -> str:
