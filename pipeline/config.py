@@ -62,6 +62,10 @@ class DataConfig:
     loader_workers: int = -1  # data-loading processes per training worker; -1: see loader_workers()
     prefetch_batches: int = 2  # batches each loading process keeps ready
     shuffle_buffer: int = 64  # samples
+    # Damaged samples (bytes that do not decode, a shard cut short) one training rank skips in
+    # one epoch, each with a warning naming its shard and key, before training stops; counted
+    # per epoch as `data_skipped`. Evaluation never skips (pipeline/data.py).
+    max_skipped: int = 10
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
@@ -353,6 +357,7 @@ def validate(config: Config) -> Config:
         (config.train.max_failures >= -1, "train.max_failures must be -1 (no limit) or at least 0"),
         (config.data.loader_workers >= -1, "data.loader_workers must be -1 (from train.cpus_per_worker) or at least 0"),
         (config.data.prefetch_batches >= 1, "data.prefetch_batches must be at least 1"),
+        (config.data.max_skipped >= 0, "data.max_skipped must be >= 0 (0: any damaged sample stops training)"),
         (config.data.batch_size >= config.train.workers, "data.batch_size (global) must be at least train.workers"),
         (config.data.batch_size % config.train.workers == 0, "data.batch_size must be divisible by train.workers"),
         (all(s > 0 for s in config.data.scales), "data.scales must be positive"),

@@ -26,7 +26,7 @@ from models import LogitsOnly
 from pipeline import tracking
 from pipeline.checkpoint import CHECKPOINT_FILE, latest_checkpoint, load_checkpoint, model_from_checkpoint
 from pipeline.config import IMAGENET_MEAN, IMAGENET_STD, Config, DataConfig, InferenceConfig
-from pipeline.data import eval_loader, shard_loader
+from pipeline.data import DamagedSampleError, eval_loader, shard_loader
 from pipeline.inference import segment
 from pipeline.metrics import ConfusionMeter, format_iou_table, iou_per_class, mean_iou, pixel_accuracy
 from sharding.classes import IGNORE_INDEX
@@ -196,8 +196,11 @@ def evaluate_shard(model: nn.Module, job: ShardJob, device: torch.device) -> tup
             images += len(batch[0])
             yield batch
 
-    cm = evaluate(model, counted(shard_loader([job.shard], job.data)), job.num_classes, device,
-                  job.ignore_index, job.settings)
+    try:
+        cm = evaluate(model, counted(shard_loader([job.shard], job.data)), job.num_classes, device,
+                      job.ignore_index, job.settings)
+    except DamagedSampleError as exc:  # never skipped: the mIoU would be of another set than the manifest's
+        raise EvaluationError(str(exc)) from None
     return cm.cpu(), images
 
 
@@ -235,7 +238,8 @@ def evaluate_model(reference: str, shards: str | Path, split: str = "val", data:
     if workers:
         from pipeline.ray_map import map_with_model
 
-        results = map_with_model(evaluate_shard, loaded.model, jobs, workers=workers, gpu=gpu, address=address)
+        results = map_with_model(evaluate_shard, loaded.model, jobs, workers=workers, gpu=gpu, address=address,
+                                 passthrough=(EvaluationError,))
     else:
         device = torch.device("cuda") if gpu else torch.device("cpu")
         model = loaded.model.to(device)

@@ -115,7 +115,8 @@ def train_one_epoch(
     waiting for the loader, so a starved GPU shows in the metrics, and ``cpu_share``: this
     process's CPU seconds (all its threads) per second of the epoch, about
     ``train.cpus_per_worker`` for a CPU worker that has its cores to itself and less when other
-    work takes them, so a contended machine shows too. ``progress`` is called
+    work takes them, so a contended machine shows too; ``data_skipped``: the damaged samples the
+    loader skipped (:class:`~pipeline.data.TrainBatches`; 0 for a plain iterable). ``progress`` is called
     every ``train.log_every`` steps and after the last one with ``epoch`` (1-based),
     ``step``, ``steps``, the running mean ``loss``, ``lr`` and ``images_per_s``.
     """
@@ -125,7 +126,7 @@ def train_one_epoch(
     seen, start, lr, step = 0, time.perf_counter(), 0.0, 0
     cpu_start = time.process_time()
     waited = 0.0
-    batches = iter(batches)
+    source, batches = batches, iter(batches)
     while True:
         fetch = time.perf_counter()
         try:
@@ -153,7 +154,8 @@ def train_one_epoch(
         raise RuntimeError("the training loader yielded no batch: check the shards and data.batch_size")
     elapsed = time.perf_counter() - start
     return {**{k: v / step for k, v in totals.items()}, "lr": lr, "images_per_s": seen / elapsed,
-            "data_wait_share": waited / elapsed, "cpu_share": (time.process_time() - cpu_start) / elapsed}
+            "data_wait_share": waited / elapsed, "cpu_share": (time.process_time() - cpu_start) / elapsed,
+            "data_skipped": float(getattr(source, "skipped", 0))}
 
 
 @torch.no_grad()

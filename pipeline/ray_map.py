@@ -38,11 +38,14 @@ def _run(fn: Callable[[nn.Module, Any, torch.device], Any], model: nn.Module, it
 
 def map_with_model(fn: Callable[[nn.Module, Item, torch.device], Result], model: nn.Module, items: Sequence[Item],
                    *, workers: int, gpu: bool = False, address: str | None = None,
-                   cpus_per_worker: float = 1) -> Iterator[tuple[int, Result]]:
+                   cpus_per_worker: float = 1,
+                   passthrough: tuple[type[BaseException], ...] = ()) -> Iterator[tuple[int, Result]]:
     """``(index, fn(model, items[index], device))`` for every item, in the order they finish.
 
     Joins ``address`` (or ``$RAY_ADDRESS``) or starts a local cluster; refuses, before any
-    task starts, ``workers`` the cluster cannot hold.
+    task starts, ``workers`` the cluster cannot hold. A task that raises one of ``passthrough``
+    (errors that name bad input, e.g. a damaged sample) raises that error itself here, its
+    message whole, instead of Ray's ``RayTaskError`` with the worker's traceback.
     """
     import ray
 
@@ -62,4 +65,10 @@ def map_with_model(fn: Callable[[nn.Module, Item, torch.device], Result], model:
             next_item += 1
         done, _ = ray.wait(list(pending), num_returns=1)
         index = pending.pop(done[0])
-        yield index, ray.get(done[0])
+        try:
+            result = ray.get(done[0])
+        except ray.exceptions.RayTaskError as exc:
+            if passthrough and isinstance(exc.cause, passthrough):
+                raise exc.cause from None
+            raise
+        yield index, result

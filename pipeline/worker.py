@@ -157,13 +157,18 @@ def _train_and_evaluate(job: WorkerJob, run: TrainingState, ddp_model: nn.Module
         values = torch.tensor([stats[k] for k in names], dtype=torch.float64, device=device)
         dist.all_reduce(values)
         stats = dict(zip(names, (values / job.world).tolist()))
+    skipped = round(stats.pop("data_skipped") * job.world)  # damaged samples: the sum over ranks
+    if skipped:
+        job.post({"kind": "message", "text": f"epoch {epoch + 1}: {skipped} damaged sample(s) skipped (named in the "
+                                             "workers' log); `run.py shard verify` lists them"})
     average_buffers(net, job.world)
     cm = evaluate(net, eval_loader(job.val_manifest, cfg.data, rank=job.rank, world_size=job.world),
                   job.info["num_classes"], device, cfg.loss.ignore_index)
     if job.world > 1:
         dist.all_reduce(cm)  # the one collective of evaluation
     cm = cm.cpu()
-    return {f"train_{k}": v for k, v in stats.items()} | epoch_metrics(cm, job.info["class_names"]), cm
+    return ({f"train_{k}": v for k, v in stats.items()} | {"data_skipped": skipped}
+            | epoch_metrics(cm, job.info["class_names"])), cm
 
 
 def _report(job: WorkerJob, run: TrainingState, net: nn.Module, epoch: int, metrics: dict[str, float]) -> None:

@@ -25,6 +25,7 @@ from sharding import storage
 from sharding.atomic import atomic_writer
 from sharding.classes import ClassTable
 from sharding.pixels import DEFAULT_ENCODING, ENCODINGS, IMAGE_MEMBER
+from sharding.tarstream import split_name
 
 FORMAT_VERSION = 1
 METADATA_KEY = b"dfdam.manifest"
@@ -211,8 +212,8 @@ def read_manifest(shard_dir: Path | str, split: str, *, check_files: bool = True
         shard_dir: the folder the shards were written to, or a copy of it: a local path or an
             ``https://``, ``s3://`` or ``gs://`` URL (``sharding/storage.py``).
         split: e.g. ``"train"``.
-        check_files: also check that every listed shard exists with its recorded size (for a
-            URL, one HEAD / object lookup per shard).
+        check_files: also check that every listed shard exists with its recorded size and (a
+            local folder) begins with its first sample: :func:`check_shard_files`.
 
     Raises:
         ManifestError: naming the file, when the manifest is missing, unreadable, or
@@ -269,13 +270,53 @@ def read_manifest(shard_dir: Path | str, split: str, *, check_files: bool = True
     _check_columns(where, table.schema)
     _check_rows(where, table, shards, num_classes, manifest.encoding)
     if check_files:
-        for info in shards:
-            shard = manifest.shard_location(info.name)
-            try:
-                size = storage.size(shard, expected=f"shard {info.name} of {info.bytes} bytes")
-            except FileNotFoundError:
-                raise _fail(where, f"lists shard {info.name}, but {storage.display(shard)} is missing") from None
-            if size != info.bytes:
-                raise _fail(where, f"lists shard {info.name} with {info.bytes} bytes, but {storage.display(shard)} "
-                                   f"has {size}")
+        check_shard_files(manifest)
     return manifest
+
+
+FULL_CHECK = "`run.py shard verify` checks every byte (sha256); `run.py shard` rewrites what differs"
+
+
+def check_shard_files(manifest: Manifest) -> None:
+    """The cheap check that the shards are still the ones the manifest lists, before any work
+    starts: each exists with its recorded byte size and, for a local folder, begins with the
+    sample the manifest lists first (one tar header read: a shard swapped for another of the
+    same size is caught too). A URL is checked by size alone (one HEAD / object lookup per
+    shard, nothing downloaded). The full check, every byte's sha256, is ``run.py shard verify``.
+
+    Raises:
+        ManifestError: naming the manifest, the shard, what was expected and what was found.
+    """
+    where = storage.display(manifest.path)
+    keys = manifest.table.column("key").to_pylist()
+    first = 0
+    for info in manifest.shard_infos:
+        shard = manifest.shard_location(info.name)
+        try:
+            size = storage.size(shard, expected=f"shard {info.name} of {info.bytes} bytes")
+        except FileNotFoundError:
+            raise _fail(where, f"lists shard {info.name}, but {storage.display(shard)} is missing "
+                               f"(deleted or moved since `run.py shard` wrote it); {FULL_CHECK}") from None
+        if size != info.bytes:
+            raise _fail(where, f"lists shard {info.name} with {info.bytes} bytes, but {storage.display(shard)} "
+                               f"has {size} (cut short, or replaced since `run.py shard` wrote it); {FULL_CHECK}")
+        if info.samples and not storage.is_remote(shard):
+            found = _first_key(shard)
+            if found != keys[first]:
+                raise _fail(where, f"lists shard {info.name} beginning with sample {keys[first]!r}, but "
+                                   f"{storage.display(shard)} begins with "
+                                   f"{'no sample (not a tar file)' if found is None else repr(found)} "
+                                   f"(replaced by another shard?); {FULL_CHECK}")
+        first += info.samples
+
+
+def _first_key(path: str) -> str | None:
+    """The WebDataset key of a local tar's first member (its first header alone is read), or None."""
+    import tarfile
+
+    try:
+        with tarfile.open(path, "r:") as tar:
+            member = tar.next()
+    except (tarfile.TarError, OSError):
+        return None
+    return None if member is None else split_name(member.name)[0]

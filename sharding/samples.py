@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from sharding.classes import IGNORE_INDEX
 from sharding.pixels import (DEFAULT_ENCODING, IMAGE_MEMBER, LABEL_MEMBER, check_encoding, decode_pixels,
@@ -301,6 +301,13 @@ def encode_sample(sample: SourceSample, *, dataset: str, split: str, num_classes
                          row=row)
 
 
+def _cause(exc: Exception) -> str:
+    """PIL's error in a line (``UnidentifiedImageError`` names a BytesIO's address: left out)."""
+    if isinstance(exc, UnidentifiedImageError):
+        return "UnidentifiedImageError: not a PNG or JPEG file, or its header is damaged"
+    return f"{type(exc).__name__}: {exc}"
+
+
 def decode_members(members: Mapping[str, bytes], key: str, source: str = "") -> tuple[np.ndarray, np.ndarray]:
     """A sample's tar members -> (image uint8 (H, W, 3) RGB, label uint8 (H, W) train ids).
 
@@ -333,13 +340,13 @@ def decode_members(members: Mapping[str, bytes], key: str, source: str = "") -> 
             with Image.open(io.BytesIO(members[ext])) as im:
                 image = np.asarray(im.convert("RGB"))
         except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, ...
-            raise ValueError(f"{where}: {ext} does not decode ({type(exc).__name__}: {exc})") from None
+            raise ValueError(f"{where}: {ext} does not decode ({_cause(exc)})") from None
         try:
             with Image.open(io.BytesIO(members[LABEL_PNG])) as im:
                 mode = im.mode
                 label = np.asarray(im, dtype=np.uint8) if mode in ("L", "P") else None
         except Exception as exc:
-            raise ValueError(f"{where}: {LABEL_PNG} does not decode ({type(exc).__name__}: {exc})") from None
+            raise ValueError(f"{where}: {LABEL_PNG} does not decode ({_cause(exc)})") from None
         if label is None:
             raise ValueError(f"{where}: {LABEL_PNG} must be single-channel (L), got mode {mode}")
     if label.shape != image.shape[:2]:

@@ -6,7 +6,9 @@ their members (``<ext>``, ``label.png``, ``json``, or ``npy.lz4``, ``label.npy.l
 decode (through :func:`sharding.samples.decode_members`, as the loaders decode them) to
 the recorded size and the label's per-class pixel counts match; and that the ``json`` entry agrees with the row. The shard folder may be a
 local path or a URL (``sharding/storage.py``): each shard is read once, front to back, its
-sha256 taken on the way.
+sha256 taken on the way. Every problem names the shard file and, for a sample, its key; a shard
+cut short (or damaged inside a tar header) still has the samples before the damage checked, and
+names those it no longer holds.
 """
 from __future__ import annotations
 
@@ -150,8 +152,10 @@ def verify_split(shard_dir: Path | str, split: str, *, show_progress: bool = Tru
         try:
             with storage.open_binary(path, expected=f"shard {info.name}") as raw:
                 stream = _Hashing(raw)
+                found: list[tuple[str, dict[str, bytes]]] = []
                 try:
-                    found = list(tar_samples(stream, info.name))
+                    for sample in tar_samples(stream, info.name):  # the samples before a cut are checked too
+                        found.append(sample)
                 except TarError as exc:
                     unreadable = exc
                 sha256 = stream.hexdigest_to_end()
@@ -161,12 +165,17 @@ def verify_split(shard_dir: Path | str, split: str, *, show_progress: bool = Tru
             continue
         if size == info.bytes and sha256 != info.sha256:
             check.problems.append(f"{where}: sha256 differs from the manifest")
-        if unreadable is not None:
-            check.problems.append(f"{where}: unreadable tar ({type(unreadable).__name__}: {unreadable})")
-            bar.update(len(shard_rows))
-            continue
         keys = [key for key, _ in found]
         expected_keys = [row["key"] for row in shard_rows]
+        if unreadable is not None:
+            lost = expected_keys[len(keys):] if keys == expected_keys[:len(keys)] else []
+            check.problems.append(f"{where}: unreadable tar ({type(unreadable).__name__}: {unreadable})"
+                                  + (f"; samples not read: {', '.join(lost[:5])}{' ...' if len(lost) > 5 else ''}"
+                                     if lost else ""))
+            if lost:
+                expected_keys = expected_keys[:len(keys)]  # the samples read are still checked below
+                bar.update(len(lost))
+                shard_rows = shard_rows[:len(keys)]
         if keys != expected_keys:
             missing = sorted(set(expected_keys) - set(keys))
             extra = sorted(set(keys) - set(expected_keys))

@@ -49,7 +49,9 @@ def test_epoch_runs_every_step_and_reports() -> None:
     seen: list[dict[str, float]] = []
     stats = train_one_epoch(model, [_loader_batch()] * 3, optimizer, cfg, epoch=0, steps=3, schedule=PolySchedule(cfg.optim.lr, 3),
                             device=torch.device("cpu"), scaler=scaler, progress=seen.append)
-    assert set(stats) == {"loss", "loss_p", "loss_c", "loss_s", "lr", "images_per_s", "data_wait_share", "cpu_share"}
+    assert set(stats) == {"loss", "loss_p", "loss_c", "loss_s", "lr", "images_per_s", "data_wait_share", "cpu_share",
+                          "data_skipped"}
+    assert stats["data_skipped"] == 0.0  # a plain list of batches skips nothing
     assert 0.0 <= stats["data_wait_share"] < 1.0
     assert stats["cpu_share"] > 0.0  # the steps ran on this process's CPU
     assert stats["lr"] == pytest.approx(cfg.optim.lr * (1 - 2 / 3) ** 0.9)  # the poly rate of the last step
