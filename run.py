@@ -621,6 +621,51 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_track(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "track",
+        help="MLflow tracking of a run: `track sync RUN_FOLDER` completes a run tracked while the server was away",
+        description=(
+            "sync: complete the MLflow run of a training run whose tracking server was away. While the "
+            "server does not answer, training goes on and keeps what it could not send in the run "
+            "folder's mlflow_outbox.jsonl (epoch metrics, the confusion matrix and per-class table, the "
+            "run's final status); the checkpoints hold the weights. sync sends what is missing (each "
+            "epoch's metrics once, by step), logs the model from the newest checkpoint and draws the "
+            "confusion-matrix figure when the run has none, and closes the run with the status it ended "
+            "with (FINISHED). Overlay images are not kept: `run.py predict` draws them again. Running it "
+            "twice changes nothing. The run's own tracking URI is used unless --tracking-uri is given "
+            "(the same server at a new address)."
+        ),
+    )
+    actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    sync = actions.add_parser("sync", help="send what a run folder kept while the tracking server was away",
+                              description=p.description)
+    sync.add_argument("run_folder", metavar="RUN_FOLDER",
+                      help="the training run's folder: train.storage/NAME (e.g. runs/my-run)")
+    sync.add_argument("--tracking-uri", default=None,
+                      help="send to this MLflow server instead of the URI the run was tracked at")
+    sync.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                      help="wait this long for the server to answer before giving up")
+    sync.set_defaults(func=_cmd_track)
+
+
+def _cmd_track(args: argparse.Namespace) -> int:
+    from pipeline.track_sync import sync_run
+
+    report = sync_run(args.run_folder, args.tracking_uri, wait_s=args.wait)
+    if not report.outbox:
+        print(f"{args.run_folder}: nothing to send (no mlflow_outbox.jsonl: the run was tracked as it went)")
+        return 0
+    if report.waiting:
+        print(f"run.py track sync: error: the tracking server does not answer; still waiting in {report.outbox}: "
+              f"{'; '.join(report.waiting)}. Run it again once the server is up", file=sys.stderr)
+        return 1
+    print(f"sent: {'; '.join(report.sent)}" if report.sent else "nothing left to send: the MLflow run already has it all")
+    if report.lost:
+        print(f"not kept, so not sent: {'; '.join(report.lost)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="run.py",
@@ -639,6 +684,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_explain(sub)
     _add_tune(sub)
     _add_export(sub)
+    _add_track(sub)
     return parser
 
 

@@ -150,6 +150,9 @@ class TrackingConfig:
     experiment: str = ""  # "" -> dfdam-<dataset>
     log_model: bool = True
     overlays: int = 4  # colourised validation predictions logged as images
+    # How long the end of a run waits for an unreachable tracking server to come back before it
+    # leaves what is missing in the run's outbox (pipeline/tracking.py Outbox; `run.py track sync`).
+    outbox_wait_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -362,6 +365,7 @@ def validate(config: Config) -> Config:
         (config.data.batch_size % config.train.workers == 0, "data.batch_size must be divisible by train.workers"),
         (all(s > 0 for s in config.data.scales), "data.scales must be positive"),
         (min(config.data.crop_size) >= 32, "data.crop_size must be at least 32x32 (output stride 32)"),
+        (config.tracking.outbox_wait_s >= 0, "tracking.outbox_wait_s must be >= 0 (seconds)"),
         *inference_checks(config.inference),
     ]
     for ok, message in checks:

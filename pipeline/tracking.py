@@ -32,6 +32,14 @@ from mlflow.types import Schema, TensorSpec
 # MLflow's own INFO lines (store creation, database migrations) stay out of the console.
 logging.getLogger("mlflow").setLevel(logging.WARNING)
 
+# MLflow's HTTP client retries a failed request 7 times with a backoff factor of 2 (minutes
+# before it gives up) and waits 120 s for an answer: a tracking server that is away would hold
+# every epoch's logging call that long. Bounded here (a caller's own settings win), so an outage
+# costs a few seconds per call; what could not be sent waits in the run's :class:`Outbox`.
+for _name, _value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2"), ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1"),
+                      ("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")):
+    os.environ.setdefault(_name, _value)
+
 RUN_TAG = "dfdam.ray_run"  # the Ray Train run name a MLflow run belongs to
 MODEL_URI_TAG = "dfdam.model_uri"
 
@@ -74,6 +82,11 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
             with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as response:
                 if response.status != 200:
                     raise TrackingError(f"MLflow server {uri} answered /health with HTTP {response.status}")
+        except urllib.error.HTTPError as exc:
+            raise TrackingError(
+                f"MLflow tracking server {uri} answered /health with HTTP {exc.code} ({exc.reason}): expected "
+                "200 from a working MLflow server; check the server's log or the URI"
+            ) from None
         except (urllib.error.URLError, OSError) as exc:
             raise TrackingError(
                 f"MLflow tracking server {uri} is unreachable ({exc}); start it (mlflow server ...) or "
@@ -120,17 +133,23 @@ def _short(value: Any) -> str:
     return text[:6000]
 
 
-def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int) -> None:
-    now = int(time.time() * 1000)
-    items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None and np.isfinite(v)]
+def _finite(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if v is not None and np.isfinite(v)}
+
+
+def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int, timestamp: int | None = None) -> None:
+    now = int(time.time() * 1000) if timestamp is None else int(timestamp)
+    items = [Metric(k, v, now, step) for k, v in _finite(metrics).items()]
     MlflowClient(uri).log_batch(run_id, metrics=items)
 
 
-def log_metrics_once(uri: str, run_id: str, metrics: dict[str, float], step: int, key: str = "val_miou") -> bool:
-    """Log ``metrics`` at ``step`` unless the run's ``key`` history already has that step."""
+def log_metrics_once(uri: str, run_id: str, metrics: dict[str, float], step: int, key: str = "val_miou",
+                     timestamp: int | None = None) -> bool:
+    """Log ``metrics`` at ``step`` unless the run's ``key`` history already has that step (a batch
+    is stored whole, so one key tells)."""
     if any(m.step == step for m in MlflowClient(uri).get_metric_history(run_id, key)):
         return False
-    log_metrics(uri, run_id, metrics, step)
+    log_metrics(uri, run_id, metrics, step, timestamp)
     return True
 
 
@@ -165,23 +184,174 @@ def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     MlflowClient(uri).set_terminated(run_id, status=status)
 
 
+def run_state(uri: str, run_id: str) -> str:
+    """RUNNING, FINISHED, FAILED or KILLED."""
+    return MlflowClient(uri).get_run(run_id).info.status
+
+
 @contextlib.contextmanager
-def run_status(uri: str, run_id: str, *,
-               killed: tuple[type[BaseException], ...] = (KeyboardInterrupt,)) -> Iterator[str]:
+def run_status(uri: str, run_id: str, *, killed: tuple[type[BaseException], ...] = (KeyboardInterrupt,),
+               outbox: Outbox | None = None) -> Iterator[str]:
     """Close run ``run_id`` as its block ends: FINISHED, KILLED on ``killed`` (Ctrl+C), else FAILED.
 
     The one place that decides a tracked run's final status, for a training run, a trial
-    and a search alike; the exception itself goes on.
+    and a search alike; the exception itself goes on. With an ``outbox``, a server that is
+    away does not fail the block: the status waits in the outbox for ``run.py track sync``.
     """
+    def close(status: str) -> None:
+        if outbox is None:
+            end_run(uri, run_id, status)
+        else:
+            outbox.send(uri, run_id, {"kind": "status", "status": status})
+
     try:
         yield run_id
     except killed:
-        end_run(uri, run_id, "KILLED")
+        close("KILLED")
         raise
     except BaseException:
-        end_run(uri, run_id, "FAILED")
+        close("FAILED")
         raise
-    end_run(uri, run_id, "FINISHED")
+    close("FINISHED")
+
+
+# ----------------------------------------------------------------------------- outbox
+
+OUTBOX_FILE = "mlflow_outbox.jsonl"
+
+
+def server_answers(uri: str, timeout_s: float = 3.0) -> bool:
+    """Whether the tracking store at ``uri`` answers now (an embedded SQLite store always does)."""
+    if not uri.startswith(("http://", "https://")):
+        return True
+    try:
+        check_reachable(uri, timeout_s)
+    except TrackingError:
+        return False
+    return True
+
+
+class Outbox:
+    """What could not reach a tracking server that is away, kept until it is back.
+
+    Each call that finds the server away (connection refused, timeout, HTTP 5xx after MLflow's
+    bounded retries; told apart from a refused request by asking ``/health``) becomes an entry:
+    kept in memory and appended, one JSON line each, to ``path`` (``mlflow_outbox.jsonl`` in the
+    run's storage folder) so that nothing is lost if the process dies. Every later call first
+    sends what is pending, in order; an entry sent again never doubles (metrics by step, files
+    by name, a status once). Entries: ``metrics`` (one epoch's, with its step and timestamp),
+    ``json`` / ``text`` (small files, with their content), ``status`` (the run's end) and
+    ``missing`` (a figure, image or the model, too large to keep: ``run.py track sync``
+    rebuilds the model and the confusion-matrix figure from the run folder). ``path`` None
+    (remote storage) keeps entries in memory only.
+    """
+
+    def __init__(self, path: str | Path | None = None) -> None:
+        self.path = None if path is None else str(path)
+        self.pending: list[dict[str, Any]] = []
+        self.away = False  # the last call found the server away: ask /health before trying again
+
+    @classmethod
+    def for_run(cls, run_dir: str) -> Outbox:
+        """The outbox file of a run folder (in memory only under s3:// or gs:// storage)."""
+        return cls(None if "://" in run_dir else Path(run_dir) / OUTBOX_FILE)
+
+    def __getstate__(self) -> dict[str, Any]:  # a copy for another process starts empty
+        return {"path": self.path}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["path"])
+
+    def send(self, uri: str, run_id: str, entry: dict[str, Any], call: Any = None) -> bool:
+        """Send what is pending, then ``entry`` (by ``call`` if given, else :func:`deliver`);
+        True when it reached the server, False when it was kept for later."""
+        entry = {**entry, "uri": uri, "run_id": run_id}
+        if self.flush() and (not self.away or server_answers(uri)):
+            try:
+                (call or (lambda: deliver(entry)))()
+                self.away = False
+                return True
+            except Exception:  # noqa: BLE001 - kept only when the server is away, else raised
+                if server_answers(uri):
+                    raise
+        self.away = True
+        self._keep(entry)
+        return False
+
+    def log_metrics(self, uri: str, run_id: str, metrics: dict[str, float], step: int, once: bool = False) -> bool:
+        """:func:`log_metrics` (``once``: :func:`log_metrics_once`) through the outbox."""
+        entry = {"kind": "metrics", "step": int(step), "timestamp": int(time.time() * 1000),
+                 "metrics": _finite(metrics)}
+        call = None if once else (lambda: log_metrics(uri, run_id, metrics, step, entry["timestamp"]))
+        return self.send(uri, run_id, entry, call)
+
+    def flush(self) -> bool:
+        """Send the pending entries, oldest first; False when the server is still away."""
+        while self.pending:
+            entry = self.pending[0]
+            if self.away and not server_answers(entry["uri"]):
+                return False
+            try:
+                deliver(entry)
+            except Exception:  # noqa: BLE001
+                if server_answers(entry["uri"]):
+                    raise
+                self.away = True
+                return False
+            self.away = False
+            self.pending.pop(0)
+        return True
+
+    def _keep(self, entry: dict[str, Any]) -> None:
+        if entry["kind"] != "missing":
+            self.pending.append(entry)
+        if self.path is not None:
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a", encoding="utf-8") as f:  # one write per line: appends do not interleave
+                f.write(json.dumps(entry) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+
+
+def read_outbox(path: str | Path) -> list[dict[str, Any]]:
+    """The entries of an outbox file (a last line cut short by a crash is skipped)."""
+    entries = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            entries.append(json.loads(line))
+        except ValueError:
+            continue
+    return entries
+
+
+def has_artifact(uri: str, run_id: str, name: str) -> bool:
+    folder = name.rsplit("/", 1)[0] if "/" in name else None
+    return any(a.path == name for a in MlflowClient(uri).list_artifacts(run_id, folder))
+
+
+def deliver(entry: dict[str, Any]) -> bool:
+    """Send one outbox entry unless the run already has it; True when something was sent."""
+    uri, run_id, kind = entry["uri"], entry["run_id"], entry["kind"]
+    if kind == "metrics":
+        if not entry["metrics"]:
+            return False
+        return log_metrics_once(uri, run_id, entry["metrics"], entry["step"], key=sorted(entry["metrics"])[0],
+                                timestamp=entry.get("timestamp"))
+    if kind in ("json", "text"):
+        if has_artifact(uri, run_id, entry["name"]):
+            return False
+        (log_json if kind == "json" else log_text)(uri, run_id, entry["data"], entry["name"])
+        return True
+    if kind == "status":
+        if run_state(uri, run_id) == entry["status"]:
+            return False
+        end_run(uri, run_id, entry["status"])
+        return True
+    return False  # "missing": nothing kept to send (pipeline/track_sync.py rebuilds what it can)
+
+
+def has_model(uri: str, run_id: str) -> bool:
+    return bool(MlflowClient(uri).get_run(run_id).data.tags.get(MODEL_URI_TAG))
 
 
 @dataclass(frozen=True)

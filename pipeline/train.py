@@ -84,24 +84,42 @@ def check_inputs(cfg: Config) -> tuple[Manifest, Manifest]:
     return train_manifest, val_manifest
 
 
+def check_crop(cfg: Config, manifest: Manifest) -> None:
+    """Refuse a training crop (section 4.1: random scale, then a ``data.crop_size`` crop, padded
+    where the scaled image is smaller) larger than every image of the split even at the largest
+    scale: every crop would then be partly padding, never a whole window of an image."""
+    if manifest.num_samples == 0:
+        return
+    scale = max(cfg.data.scales)
+    largest = [int(max(manifest.table.column(side).to_pylist()) * scale) for side in ("height", "width")]
+    crop = cfg.data.crop_size
+    if crop[0] > largest[0] or crop[1] > largest[1]:
+        raise ConfigError(f"data.crop_size {crop[0]}x{crop[1]} is larger than every image of split "
+                          f"{manifest.split!r} in {storage.display(manifest.root)} even at the largest scale {scale:g} "
+                          f"(at most {largest[0]}x{largest[1]}): expected at most {largest[0]}x{largest[1]} "
+                          "(--set data.crop_size=HxW)")
+
+
 def worker_resources(cfg: Config) -> dict[str, float]:
     return {"CPU": cfg.train.cpus_per_worker} | ({"GPU": 1} if cfg.train.gpu else {})
 
 
 def make_trainer(cfg: Config, *, name: str, tracking_uri: str, run_id: str, callbacks: list | None = None,
-                 board: Any = None):
+                 board: Any = None, outbox: tracking.Outbox | None = None):
     """The ``TorchTrainer`` for ``cfg`` (paths in ``cfg`` already absolute); Tune reuses it per trial.
 
     ``callbacks`` run after the MLflow :func:`~pipeline.worker.epoch_logger` (Tune's report
     callback must come after it: a scheduler may stop the trial as soon as it sees a result).
     ``board``: the actor rank 0 posts console events to (:func:`progress_board`), or None.
+    ``outbox``: where MLflow calls wait while the tracking server is away (the run folder's file).
     """
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     return TorchTrainer(
         train_worker,
-        train_loop_config={"config": cfg.to_dict(), "tracking_uri": tracking_uri, "run_id": run_id, "board": board},
+        train_loop_config={"config": cfg.to_dict(), "tracking_uri": tracking_uri, "run_id": run_id, "board": board,
+                           "outbox": outbox.path if outbox else None},
         torch_config=TorchConfig(timeout_s=cfg.train.timeout_s),
         scaling_config=ScalingConfig(num_workers=cfg.train.workers, use_gpu=cfg.train.gpu,
                                      resources_per_worker=worker_resources(cfg)),
@@ -112,7 +130,7 @@ def make_trainer(cfg: Config, *, name: str, tracking_uri: str, run_id: str, call
             failure_config=FailureConfig(max_failures=cfg.train.max_failures, controller_failure_limit=3),
             checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="val_miou",
                                                checkpoint_score_order="max"),
-            callbacks=[epoch_logger(tracking_uri, run_id), *(callbacks or [])],
+            callbacks=[epoch_logger(tracking_uri, run_id, outbox), *(callbacks or [])],
             logging_config=LoggingConfig(log_level="WARNING"),  # Ray Train's own INFO lines stay in its log files
         ),
     )
@@ -204,18 +222,40 @@ def fit(cfg: Config, *, name: str | None = None, resume: bool = False, address: 
     if not resume:
         tracking.log_json(uri, run_id, _manifest_summary(train_manifest), "data/train_manifest_summary.json")
 
-    with tracking.run_status(uri, run_id):
+    outbox = tracking.Outbox.for_run(run_dir)
+    with tracking.run_status(uri, run_id, outbox=outbox):
         board = progress_board()
-        trainer = make_trainer(cfg, name=name, tracking_uri=uri, run_id=run_id, board=board)
+        trainer = make_trainer(cfg, name=name, tracking_uri=uri, run_id=run_id, board=board, outbox=outbox)
         try:
             with printing(board, TrainingConsole(cfg.train.epochs, stream)):
                 result = trainer.fit()
         except BaseException as exc:
             _raise_training_error(exc, name, run_dir, cfg)
             raise
+        untracked = _send_outbox(outbox, run_dir, uri, cfg.tracking.outbox_wait_s)
+    if untracked:
+        print(f"MLflow server {uri} was away at the end of run {name}: its MLflow run {run_id} is left RUNNING; not "
+              f"uploaded: {'; '.join(untracked)}. They are kept in {outbox.path or 'the checkpoints'}; once the "
+              f"server is back, complete the run with: python run.py track sync {storage.display(run_dir)}",
+              file=stream, flush=True)
     return TrainResult(name=name, run_id=run_id, tracking_uri=uri,
                        checkpoint=_checkpoint_location(result.checkpoint, run_dir),
                        metrics=dict(result.metrics or {}), storage=root)
+
+
+def _send_outbox(outbox: tracking.Outbox, run_dir: str, uri: str, wait_s: float) -> list[str]:
+    """At a run's end, what its outbox kept while the tracking server was away is sent (waiting
+    up to ``wait_s`` seconds for the server, :func:`pipeline.track_sync.sync_run`); returns what
+    still waits, in words (empty: the run is complete in MLflow)."""
+    if outbox.path is None or not Path(outbox.path).is_file():
+        return []
+    from pipeline.track_sync import sync_run
+
+    report = sync_run(run_dir, uri, wait_s=wait_s)
+    if report.complete:
+        return []
+    outbox.away = True  # the run's status joins the rest in the outbox without another wait
+    return report.waiting
 
 
 def _checkpoint_location(checkpoint: Any, run_dir: str) -> str | None:

@@ -74,8 +74,10 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], space: dict[str, 
         tags={"dfdam.trial_id": trial_id, "dfdam.kind": "trial", **{f"dfdam.param.{n}": str(v) for n, v in params.items()}},
         parent_run_id=parent_run_id,
     )
-    trainer = make_trainer(cfg, name=name, tracking_uri=tracking_uri, run_id=run_id, callbacks=[TuneReportCallback()])
-    with tracking.run_status(tracking_uri, run_id, killed=()):  # a trial that does not finish failed
+    outbox = tracking.Outbox.for_run(join(cfg.train.storage, name))
+    trainer = make_trainer(cfg, name=name, tracking_uri=tracking_uri, run_id=run_id, callbacks=[TuneReportCallback()],
+                           outbox=outbox)
+    with tracking.run_status(tracking_uri, run_id, killed=(), outbox=outbox):  # a trial that does not finish failed
         trainer.fit()
         tracking.set_tags(tracking_uri, run_id, {"dfdam.status": "finished"})
 

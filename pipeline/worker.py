@@ -16,14 +16,11 @@ import logging
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-import models
-from models import LogitsOnly
 from pipeline import tracking
 from pipeline.checkpoint import build_model, load_checkpoint, save_checkpoint
 from pipeline.config import Config, loader_workers
@@ -51,6 +48,7 @@ class WorkerJob:
     tracking_uri: str
     run_id: str
     post: Post  # progress events for the driver's console (rank 0; a no-op elsewhere)
+    outbox: tracking.Outbox  # what could not reach a tracking server that is away (rank 0 logs)
 
 
 def train_worker(loop_config: dict[str, Any]) -> None:
@@ -87,6 +85,7 @@ def _set_up(loop_config: dict[str, Any]) -> WorkerJob:
         info=dataset_info(train_manifest), steps=steps_per_epoch(train_manifest, cfg.data.batch_size),
         tracking_uri=loop_config["tracking_uri"], run_id=loop_config["run_id"],
         post=_poster(loop_config.get("board") if rank == 0 else None),
+        outbox=tracking.Outbox(loop_config.get("outbox")),
     )
 
 
@@ -121,7 +120,7 @@ def _restore(job: WorkerJob) -> TrainingState:
             job.post({"kind": "message", "text": f"resuming from the checkpoint of epoch {state['epoch'] + 1}"})
             # The controller logs an epoch only after registering its checkpoint; had it died
             # in between, the restored epoch's metrics would be missing: add them once.
-            tracking.log_metrics_once(job.tracking_uri, job.run_id, state["metrics"], step=state["epoch"] + 1)
+            job.outbox.log_metrics(job.tracking_uri, job.run_id, state["metrics"], step=state["epoch"] + 1, once=True)
     return setup_training(job.cfg, job.info["num_classes"], job.steps, job.device, state)
 
 
@@ -186,38 +185,48 @@ def _report(job: WorkerJob, run: TrainingState, net: nn.Module, epoch: int, metr
 
 
 def _log_final(job: WorkerJob, net: nn.Module, cm: torch.Tensor) -> None:
-    """Rank 0, after the last epoch: confusion matrix, per-class table, overlays, model."""
+    """Rank 0, after the last epoch: confusion matrix, per-class table, overlays, model.
+
+    Through the run's outbox: with the tracking server away, the two small files wait there
+    whole, the figure, overlays and model as names that ``run.py track sync`` rebuilds (the
+    model from the checkpoint this epoch writes) or reports."""
+    from pipeline.track_sync import CONFUSION_FIGURE, CONFUSION_JSON, log_trained_model
     from pipeline.visualize import confusion_matrix_figure
 
-    uri, run_id, info, cfg = job.tracking_uri, job.run_id, job.info, job.cfg
-    tracking.log_json(uri, run_id, {"class_names": info["class_names"], "matrix": cm.tolist()}, "eval/confusion_matrix.json")
-    tracking.log_figure(uri, run_id, confusion_matrix_figure(cm.numpy(), info["class_names"]), "eval/confusion_matrix.png")
-    tracking.log_text(uri, run_id, format_iou_table(cm, info["class_names"]), "eval/per_class_iou.txt")
+    uri, run_id, info, cfg, send = job.tracking_uri, job.run_id, job.info, job.cfg, job.outbox.send
+    send(uri, run_id, {"kind": "json", "name": CONFUSION_JSON,
+                       "data": {"class_names": info["class_names"], "matrix": cm.tolist()}})
+    send(uri, run_id, {"kind": "missing", "name": CONFUSION_FIGURE},
+         lambda: tracking.log_figure(uri, run_id, confusion_matrix_figure(cm.numpy(), info["class_names"]),
+                                     CONFUSION_FIGURE))
+    send(uri, run_id, {"kind": "text", "name": "eval/per_class_iou.txt",
+                       "data": format_iou_table(cm, info["class_names"])})
     for key, panel in prediction_overlays(net, job.val_manifest, cfg, job.device, cfg.tracking.overlays):
-        tracking.log_image(uri, run_id, panel, f"eval/overlays/{key}.png")
+        send(uri, run_id, {"kind": "missing", "name": f"eval/overlays/{key}.png"},
+             lambda panel=panel, key=key: tracking.log_image(uri, run_id, panel, f"eval/overlays/{key}.png"))
     if cfg.tracking.log_model:
         cpu_model = build_model(cfg.model, info["num_classes"], pretrained=False)
         cpu_model.load_state_dict({k: v.cpu() for k, v in net.state_dict().items()})
-        tracking.log_model(uri, run_id, LogitsOnly(cpu_model).eval(), info["num_classes"],
-                           code_path=Path(models.__file__).parent,
-                           metadata={**info, "mean": list(cfg.data.mean), "std": list(cfg.data.std)})
+        send(uri, run_id, {"kind": "missing", "name": "model"},
+             lambda: log_trained_model(uri, run_id, cpu_model, cfg, info))
 
 
-def epoch_logger(tracking_uri: str, run_id: str):
+def epoch_logger(tracking_uri: str, run_id: str, outbox: tracking.Outbox | None = None):
     """A Ray Train callback that logs each epoch's metrics to MLflow on the controller.
 
     ``after_report`` runs once every rank has reported and after Ray Train has registered
     (and saved its record of) the epoch's checkpoint, so what reaches MLflow is exactly the
-    history of checkpoints a restore can continue from.
+    history of checkpoints a restore can continue from. With the tracking server away, an
+    epoch's metrics wait in ``outbox`` and go first at the next epoch's end.
     """
     from ray.train import UserCallback
 
     class EpochLogger(UserCallback):
-        def __init__(self, uri: str, run: str) -> None:
-            self.uri, self.run_id = uri, run
+        def __init__(self, uri: str, run: str, box: tracking.Outbox) -> None:
+            self.uri, self.run_id, self.outbox = uri, run, box
 
         def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
             reported = metrics[0]  # rank 0's; every rank reports the same all-reduced values
-            tracking.log_metrics(self.uri, self.run_id, reported, step=int(reported["epoch"]))
+            self.outbox.log_metrics(self.uri, self.run_id, reported, step=int(reported["epoch"]))
 
-    return EpochLogger(tracking_uri, run_id)
+    return EpochLogger(tracking_uri, run_id, outbox or tracking.Outbox())

@@ -178,9 +178,89 @@ def http_shards(tiny_shards: Path, tmp_path_factory: pytest.TempPathFactory):
         thread.join(timeout=10)
 
 
+class MlflowServer:
+    """A real ``mlflow server`` (SQLite backend, artifacts proxied into its folder) on a free port
+    of 127.0.0.1, a process group of its own; :meth:`kill` takes it away at once (SIGKILL, the way
+    a crashed host goes) and :meth:`start` brings it back on the same port and database."""
+
+    def __init__(self, folder: Path) -> None:
+        import socket
+
+        self.folder = folder
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.db = folder / "mlflow.db"
+        self.process = None
+
+    def start(self, timeout_s: float = 300) -> None:
+        import subprocess
+        import sys
+        import time
+        import urllib.request
+
+        mlflow_cli = Path(sys.executable).parent / "mlflow"
+        argv = [str(mlflow_cli), "server", "--backend-store-uri", f"sqlite:///{self.db}",
+                "--artifacts-destination", str(self.folder / "artifacts"), "--host", "127.0.0.1",
+                "--port", str(self.port), "--workers", "1"]
+        # Its job runner (huey consumers for MLflow's GenAI jobs) doubles the start-up time and the processes.
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        env.pop("MLFLOW_TRACKING_URI", None)
+        with open(self.folder / "server.log", "ab") as log:
+            self.process = subprocess.Popen(argv, cwd=self.folder, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                            start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                break
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as answer:
+                    if answer.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.5)
+        self.kill()
+        tail = (self.folder / "server.log").read_text(errors="replace")[-3000:]
+        pytest.fail(f"mlflow server on {self.uri} did not answer /health within {timeout_s} s:\n{tail}")
+
+    def kill(self) -> None:
+        """SIGKILL the server's process group (the server, its uvicorn worker), by the id this started."""
+        import signal
+
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=60)
+        self.process = None
+
+    def stop(self) -> None:
+        import signal
+        import subprocess
+
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
+        self.kill()
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
+    """A real ``mlflow server`` over HTTP for one test module (:class:`MlflowServer`: ``uri``,
+    ``kill()``, ``start()`` again on the same port and database), stopped by its process id."""
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 # Fixtures whose tests are slow: they start a Ray cluster (tests/pipeline/conftest.py,
 # tests/cluster/conftest.py) or a server. Add here any new fixture that starts Ray, a server or a pipeline run.
-SLOW_FIXTURES = frozenset({"ray_cluster", "two_node_cluster", "s3_shards", "http_shards"})
+SLOW_FIXTURES = frozenset({"ray_cluster", "two_node_cluster", "s3_shards", "http_shards", "mlflow_server"})
 
 # Tests slow for a reason no fixture shows, by node id (a file, or file::test), each with its
 # cost on the 2-core machine: kept out of `make test-fast` so that it stays under a minute.
