@@ -34,11 +34,17 @@ def voc_run(ray_cluster, tiny_voc_shards: Path, tmp_path_factory: pytest.TempPat
     """One Ray Train run that the tests below share: 2 workers, 1 epoch on the VOC shards (images
     of many sizes, evaluated 4 to a batch), 2 overlays. Starting a run (Ray Train's controller,
     a worker group of 2) costs far more than its tiny epoch, so the checks of a run are made on
-    one. Returns its config and result; the resume test continues it to epoch 2."""
+    one. It trains on a copy of the shards whose every train_aug shard has its second image
+    damaged (validation untouched): the workers skip them and MLflow gets ``data_skipped``.
+    Returns its config and result; the resume test continues it to epoch 2."""
     from tests.conftest import _tiny_config
+    from tests.damage import copy_shards, damage_member
 
-    cfg = _tiny_config(tiny_voc_shards, tmp_path_factory.mktemp("voc-run"), "data.train_split=train_aug",
-                       "data.eval_batch_size=4")
+    folder = tmp_path_factory.mktemp("voc-run")
+    shards = copy_shards(tiny_voc_shards, folder / "shards")
+    for shard in shards.glob("train_aug-*.tar"):
+        damage_member(shard, 1, "jpg", "header")
+    cfg = _tiny_config(shards, folder, "data.train_split=train_aug", "data.eval_batch_size=4")
     return cfg, fit(cfg, name="tiny")
 
 
@@ -75,6 +81,8 @@ def test_two_workers_train_checkpoint_track_and_resume(voc_run, tiny_voc_shards:
     assert tracked.data.params["model.variant"] == "dafm+2dpam"
     assert 0.0 <= tracked.data.metrics["val_miou"] <= 1.0
     assert "val_pixel_acc" in tracked.data.metrics and "train_loss" in tracked.data.metrics
+    skipped = client.get_metric_history(result.run_id, "data_skipped")  # the damaged images, summed over ranks
+    assert [m.step for m in skipped] == [1] and skipped[0].value >= 1 and skipped[0].value == int(skipped[0].value)
     artifacts = {a.path for a in client.list_artifacts(result.run_id, "eval")}
     assert {"eval/confusion_matrix.png", "eval/per_class_iou.txt", "eval/overlays"} <= artifacts
     assert len(client.list_artifacts(result.run_id, "eval/overlays")) == 2
@@ -91,6 +99,7 @@ def test_two_workers_train_checkpoint_track_and_resume(voc_run, tiny_voc_shards:
     assert load_checkpoint(resumed.checkpoint)["epoch"] == 1
     history = client.get_metric_history(result.run_id, "val_miou")
     assert sorted(m.step for m in history) == [1, 2]
+    assert sorted(m.step for m in client.get_metric_history(result.run_id, "data_skipped")) == [1, 2]
 
     # evaluate by run id and by checkpoint agree with each other and with training.
     from pipeline.evaluate import evaluate_model
