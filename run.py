@@ -693,7 +693,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     errors: list[type[BaseException]] = [FileNotFoundError, FileExistsError, NotADirectoryError, ConnectionError]
     for module, name in (("pipeline.config", "ConfigError"), ("sharding.manifest", "ManifestError"),
                          ("pipeline.tracking", "TrackingError"), ("pipeline.evaluate", "EvaluationError"),
-                         ("pipeline.cluster", "ResourceError"), ("sharding.storage", "StorageError")):
+                         ("pipeline.cluster", "ResourceError"), ("sharding.storage", "StorageError"),
+                         ("pipeline.checkpoint", "CheckpointError")):
         mod = sys.modules.get(module)
         if mod is not None:
             errors.append(getattr(mod, name))

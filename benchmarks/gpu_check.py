@@ -683,7 +683,7 @@ def checkpoint_devices(run_dir: Path) -> str:
     if latest is None:
         return "no checkpoint"
     state = torch.load(latest / CHECKPOINT_FILE, map_location=None if torch.cuda.is_available() else "cpu",
-                       weights_only=False)
+                       weights_only=True)
     devices = {str(v.device) for s in state["optimizer"]["state"].values() for v in s.values()
                if isinstance(v, torch.Tensor) and v.dim() > 0}
     where = ",".join(sorted(devices)) or "nowhere (no state)"

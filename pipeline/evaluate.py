@@ -156,7 +156,7 @@ def load_model(reference: str, tracking_uri: str | None = None) -> LoadedModel:
             path = newest
         state = load_checkpoint(path)
         data = Config.from_dict(state["config"]).data
-        return LoadedModel(LogitsOnly(model_from_checkpoint(state)).eval(), str(path), dict(state["dataset"]),
+        return LoadedModel(LogitsOnly(model_from_checkpoint(state, path)).eval(), str(path), dict(state["dataset"]),
                            data.mean, data.std)
     uri = tracking.resolve_uri(tracking_uri)
     tracking.check_reachable(uri)
