@@ -56,9 +56,10 @@ def describe(entries: list[dict[str, Any]]) -> list[str]:
     return list(dict.fromkeys(words))
 
 
-def sync_run(run_dir: str | Path, uri: str | None = None, wait_s: float = 0.0) -> SyncReport:
+def sync_run(run_dir: str | Path, uri: str | None = None, wait_s: float = 0.0, statuses: bool = True) -> SyncReport:
     """Send what run folder ``run_dir`` kept for its MLflow run(s) (``uri`` replaces the tracking
-    URI the entries name); waits up to ``wait_s`` seconds for the server to answer."""
+    URI the entries name); waits up to ``wait_s`` seconds for the server to answer. ``statuses``
+    False leaves the run's status alone (the end of a run sets its own)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run folder {run_dir} does not exist: expected a training run's folder "
@@ -81,7 +82,8 @@ def sync_run(run_dir: str | Path, uri: str | None = None, wait_s: float = 0.0) -
         for entry in entries:
             if entry["kind"] == "missing":
                 _rebuild(entry, entries, run_dir, report)
-        last_status: dict[str, dict[str, Any]] = {e["run_id"]: e for e in entries if e["kind"] == "status"}
+        ends = [e for e in entries if e["kind"] == "status"] if statuses else []
+        last_status: dict[str, dict[str, Any]] = {e["run_id"]: e for e in ends}
         for entry in last_status.values():  # after the model: logging one reopens the run
             if tracking.deliver(entry):
                 report.sent += describe([entry])

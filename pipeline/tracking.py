@@ -460,7 +460,10 @@ def register_model(uri: str, run_id: str, name: str, tags: dict[str, str] | None
         client.get_registered_model(name)
     except MlflowException:
         client.create_registered_model(name, description="DF-DAM segmentation models (see run tags for data and metrics)")
-    version = client.create_model_version(name, model_uri, run_id=run_id, tags=tags or {})
+    # A logged model's URI is models:/m-<id>: a tracking server (unlike the SQL store in this
+    # process) accepts it as a source only with that id given as model_id.
+    model_id = model_uri[len("models:/"):] if model_uri.startswith("models:/m-") else None
+    version = client.create_model_version(name, model_uri, run_id=run_id, tags=tags or {}, model_id=model_id)
     return str(version.version)
 
 

@@ -232,30 +232,32 @@ def fit(cfg: Config, *, name: str | None = None, resume: bool = False, address: 
         except BaseException as exc:
             _raise_training_error(exc, name, run_dir, cfg)
             raise
-        untracked = _send_outbox(outbox, run_dir, uri, cfg.tracking.outbox_wait_s)
+        untracked, lost = _send_outbox(outbox, run_dir, uri, cfg.tracking.outbox_wait_s)
     if untracked:
         print(f"MLflow server {uri} was away at the end of run {name}: its MLflow run {run_id} is left RUNNING; not "
               f"uploaded: {'; '.join(untracked)}. They are kept in {outbox.path or 'the checkpoints'}; once the "
               f"server is back, complete the run with: python run.py track sync {storage.display(run_dir)}",
               file=stream, flush=True)
+    if lost:
+        print(f"MLflow run {run_id}: not uploaded while the server was away, and not kept: {'; '.join(lost)} "
+              "(`run.py predict` draws overlays again)", file=stream, flush=True)
     return TrainResult(name=name, run_id=run_id, tracking_uri=uri,
                        checkpoint=_checkpoint_location(result.checkpoint, run_dir),
                        metrics=dict(result.metrics or {}), storage=root)
 
 
-def _send_outbox(outbox: tracking.Outbox, run_dir: str, uri: str, wait_s: float) -> list[str]:
+def _send_outbox(outbox: tracking.Outbox, run_dir: str, uri: str, wait_s: float) -> tuple[list[str], list[str]]:
     """At a run's end, what its outbox kept while the tracking server was away is sent (waiting
-    up to ``wait_s`` seconds for the server, :func:`pipeline.track_sync.sync_run`); returns what
-    still waits, in words (empty: the run is complete in MLflow)."""
+    up to ``wait_s`` seconds for the server, :func:`pipeline.track_sync.sync_run`); returns, in
+    words, what still waits (empty: the run is complete in MLflow) and what was not kept."""
     if outbox.path is None or not Path(outbox.path).is_file():
-        return []
+        return [], []
     from pipeline.track_sync import sync_run
 
-    report = sync_run(run_dir, uri, wait_s=wait_s)
-    if report.complete:
-        return []
-    outbox.away = True  # the run's status joins the rest in the outbox without another wait
-    return report.waiting
+    report = sync_run(run_dir, uri, wait_s=wait_s, statuses=False)  # a resumed run's earlier end is not this one's
+    if not report.complete:
+        outbox.away = True  # the run's status joins the rest in the outbox without another wait
+    return report.waiting, report.lost
 
 
 def _checkpoint_location(checkpoint: Any, run_dir: str) -> str | None:

@@ -222,7 +222,8 @@ def test_server_lost_mid_training_and_back_within_the_run(ray_cluster, mlflow_se
     result = training.finish()
 
     assert _kept_metrics(outbox)[0] >= 2  # what the outage kept, sent once the server was back
-    assert "left RUNNING" not in training.console.getvalue()
+    console = training.console.getvalue()
+    assert "left RUNNING" not in console and "not kept: eval/overlays/" in console, console
     _assert_complete(uri, result.run_id, 3)
 
 
