@@ -84,8 +84,10 @@ class Skipped:
 
 def _read_shards(expected: dict[str, int]) -> Callable[[Iterable[dict[str, Any]]], Iterator[Any]]:
     """The stage ``{"url": shard}`` -> samples, like :func:`~sharding.storage.shard_samples`, but a
-    shard that cannot be read to its end (cut short, a corrupted header, gone) ends in a
-    :class:`Skipped` for the samples not read (``expected``: samples per shard location)."""
+    shard whose tar cannot be read to its end (cut short, a corrupted header) ends in a
+    :class:`Skipped` for the samples not read (``expected``: samples per shard location). A
+    shard that cannot be opened (gone, a server unreachable) is not damaged data: its
+    ``OSError`` (naming the location) is raised as before."""
     reader = shard_samples()
 
     def stage(sources: Iterable[dict[str, Any]]) -> Iterator[Any]:
@@ -95,7 +97,7 @@ def _read_shards(expected: dict[str, int]) -> Callable[[Iterable[dict[str, Any]]
                 for sample in reader([source]):
                     read, last = read + 1, sample["__key__"]
                     yield sample
-            except (TarError, OSError) as exc:
+            except TarError as exc:
                 lost = max(1, expected.get(url, 0) - read)
                 reason = str(exc).removeprefix(f"{display(url)}: ")
                 after = f" after sample {last!r}" if last else ""

@@ -165,9 +165,10 @@ def test_a_shard_cut_short_skips_the_samples_it_no_longer_holds(tiny_shards: Pat
 
 @pytest.fixture(scope="module")
 def val_damaged(tiny_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    """tiny_shards with the second val shard's second image damaged; the folder and that key."""
+    """tiny_shards with the first val image damaged (an evaluation fails before any prediction);
+    the folder and that key."""
     folder = copy_shards(tiny_shards, tmp_path_factory.mktemp("val-damaged") / "shards")
-    return folder, damage_member(folder / "val-000001.tar", 1, "png", "header")
+    return folder, damage_member(folder / "val-000000.tar", 0, "png", "header")
 
 
 @pytest.fixture(scope="module")
@@ -193,10 +194,10 @@ def test_evaluation_fails_naming_the_damaged_sample(val_damaged, loader_workers:
         for _, _, keys in eval_loader(manifest, dataclasses.replace(CFG, eval_batch_size=1,
                                                                     loader_workers=loader_workers)):
             seen += keys
-    assert str(raised.value).startswith(f"shard val-000001.tar, sample '{key}': png does not decode "
+    assert str(raised.value).startswith(f"shard val-000000.tar, sample '{key}': png does not decode "
                                         "(UnidentifiedImageError: ")
     assert "evaluation reads every sample, so it stops here" in str(raised.value)
-    assert key not in seen
+    assert seen == []
 
 
 def test_evaluation_fails_on_a_shard_cut_short(tiny_shards: Path, tmp_path: Path) -> None:
@@ -215,13 +216,13 @@ def test_run_py_evaluate_fails_in_one_line_naming_the_sample(untrained: Path, va
                      "--format", "json"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err
-    assert err.startswith(f"run.py evaluate: error: shard val-000001.tar, sample '{key}': png does not decode")
+    assert err.startswith(f"run.py evaluate: error: shard val-000000.tar, sample '{key}': png does not decode")
     # The same error from the function a Ray task runs for one shard:
     manifest = read_manifest(folder, "val")
-    job = ShardJob(manifest.shards[1], CFG, build_config("synthetic").inference, manifest.num_classes,
+    job = ShardJob(manifest.shards[0], CFG, build_config("synthetic").inference, manifest.num_classes,
                    manifest.ignore_index)
     model = build_model(build_config("synthetic").model, manifest.num_classes, pretrained=False).eval()
-    with pytest.raises(EvaluationError, match=rf"^shard val-000001\.tar, sample '{key}'"):
+    with pytest.raises(EvaluationError, match=rf"^shard val-000000\.tar, sample '{key}'"):
         evaluate_shard(model, job, torch.device("cpu"))
 
 
@@ -229,7 +230,7 @@ def test_ray_workers_pass_the_evaluation_error_on_whole(ray_cluster, untrained: 
     folder, key = val_damaged
     with pytest.raises(EvaluationError) as raised:
         evaluate_model(str(untrained), folder, "val", log=False, workers=2)
-    assert str(raised.value).startswith(f"shard val-000001.tar, sample '{key}': png does not decode")
+    assert str(raised.value).startswith(f"shard val-000000.tar, sample '{key}': png does not decode")
     assert "Traceback" not in str(raised.value)
 
 
