@@ -41,7 +41,11 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     from pipeline.profiling import format_rows, profile_rows
     from sharding.text import parse_size
 
-    size = parse_size(args.size, minimum=32)  # the trunk's output stride
+    try:
+        size = parse_size(args.size, minimum=32)  # the trunk's output stride
+    except ValueError as exc:
+        print(f"run.py profile: error: --size: {exc}", file=sys.stderr)
+        return 2
     rows = profile_rows(args.backbone, size, args.num_classes, variant=args.variant,
                         references=not args.no_reference)
     print(format_rows(rows, args.format))
@@ -532,8 +536,17 @@ def _cmd_shard(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     try:
         if args.action == "verify":
+            from sharding import storage
+            from sharding.manifest import list_splits
             from sharding.verify import format_checks, verify_shards
 
+            if not storage.is_folder(args.out):
+                raise FileNotFoundError(f"shard folder {args.out} does not exist: expected the --out folder of "
+                                        "`run.py shard`")
+            if not args.split and not storage.is_remote(args.out) and not list_splits(args.out):
+                print(f"run.py shard: error: {args.out} holds no <split>.manifest.parquet: expected the --out folder "
+                      "of `run.py shard`", file=sys.stderr)
+                return 2
             checks = verify_shards(args.out, args.split, show_progress=not args.no_progress)
             print(format_checks(checks))
             return 0 if all(c.ok for c in checks) else 1

@@ -26,7 +26,7 @@ import numpy as np
 
 from models.names import PRETRAINED
 from pipeline import tracking
-from pipeline.checkpoint import RECORD_FILE, latest_checkpoint
+from pipeline.checkpoint import RECORD_FILE, latest_checkpoint, load_checkpoint
 from pipeline.cluster import check_resources, connect_ray
 from pipeline.config import Config, ConfigError
 from pipeline.console import ProgressBoard, TrainingConsole
@@ -62,14 +62,17 @@ def check_inputs(cfg: Config) -> tuple[Manifest, Manifest]:
     shards = cfg.data.shards  # a folder, or a URL of one (sharding/storage.py): read_manifest checks either
     if not storage.is_folder(shards):
         raise FileNotFoundError(f"shard folder {shards} does not exist: expected the --out folder of `run.py shard`")
-    train_manifest = read_manifest(shards, cfg.data.train_split)
+    # The validation split first: every preset names it 'val', so shards of another dataset (whose
+    # training split has another name) are told apart by their dataset, not by a missing split.
     val_manifest = read_manifest(shards, cfg.data.val_split)
+    if cfg.dataset in DATASETS and val_manifest.dataset != cfg.dataset:
+        raise ConfigError(f"preset {cfg.preset!r} is made for {cfg.dataset} but {shards} holds "
+                          f"{val_manifest.dataset} shards: use --preset {val_manifest.dataset} (or synthetic)")
+    train_manifest = read_manifest(shards, cfg.data.train_split)
     if train_manifest.num_classes != val_manifest.num_classes:
         raise ManifestError(f"{shards}: splits {cfg.data.train_split!r} and {cfg.data.val_split!r} disagree on the "
                             f"number of classes ({train_manifest.num_classes} vs {val_manifest.num_classes})")
-    if cfg.dataset in DATASETS and train_manifest.dataset != cfg.dataset:
-        raise ConfigError(f"preset {cfg.preset!r} is made for {cfg.dataset} but {shards} holds "
-                          f"{train_manifest.dataset} shards: use --preset {train_manifest.dataset} (or synthetic)")
+    check_crop(cfg, train_manifest)
     weights = cfg.model.weights
     if weights in PRETRAINED:
         # Into torch's cache on this node now (workers here then read it; workers elsewhere fetch
@@ -297,6 +300,14 @@ def check_resume(run_dir: str | Path, cfg: Config) -> None:
     if latest is None:
         return  # killed before its first checkpoint: Ray Train starts it from the beginning
     folder, done = latest
+    if not storage.is_remote(folder):
+        saved = load_checkpoint(folder)["config"]["model"]
+        changed = [f"model.{k}={saved.get(k)} (now {v})" for k, v in dataclasses.asdict(cfg.model).items()
+                   if k != "weights" and saved.get(k) != v]  # weights only initialise: the checkpoint holds them
+        if changed:
+            raise ConfigError(f"--resume: run {storage.name(run_dir)!r} was trained as {', '.join(changed)} (checkpoint "
+                              f"{storage.display(folder)}); expected the model it holds: drop those --set overrides, "
+                              "or start a new --name")
     if done >= cfg.train.epochs:
         raise ConfigError(f"--resume: run {storage.name(run_dir)!r} has already trained {done} epoch(s) "
                           f"(checkpoint {storage.display(folder)}); --epochs is the new total, so pass more than "

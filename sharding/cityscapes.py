@@ -125,6 +125,9 @@ def discover(root: Path, split: str) -> Discovery:
         raise DatasetError(f"unknown Cityscapes split {split!r}: expected one of {', '.join(SPLITS)}")
     root = Path(root)
     image_dir = root / "leftImg8bit" / split
+    if not (root / "leftImg8bit").is_dir() and (root / "VOCdevkit").is_dir():
+        raise DatasetError(f"Cityscapes root {root}: missing folder {root / 'leftImg8bit'}; expected the layout "
+                           f"{LAYOUT}. {root} looks like a PASCAL VOC root (VOCdevkit/): use --dataset voc")
     label_dir = root / "gtFine" / split
     _require_dir(image_dir, root)
     labelled = split not in UNLABELLED_SPLITS

@@ -12,6 +12,13 @@ cost 4x the time of the LZ4 decompression it feeds (``benchmarks/train_throughpu
 the key is the member name up to the first dot of its base name, the rest (lower-cased) is the
 member's extension. The loaders (``sharding.storage.shard_samples``) and ``run.py shard verify``
 read shards through these two functions.
+
+Members are read into memory, never extracted to disk, and a shard is refused (:class:`TarError`
+naming the shard and the member) when a member's name is not a flat ``<key>.<ext>``: a name with
+``/`` or ``\\`` (a folder, an absolute path, ``../``), or one that starts with a dot (``..``, a hidden
+file, an empty key). ``run.py shard`` writes only flat names (:func:`sharding.samples.check_key`),
+so such a member means the shard came from elsewhere; refusing it keeps every consumer of a key
+(``run.py predict`` names its output files after them) inside its own folder.
 """
 from __future__ import annotations
 
@@ -23,7 +30,8 @@ BLOCK = tarfile.BLOCKSIZE  # 512: a header, and the unit members are padded to
 
 
 class TarError(ValueError):
-    """A shard that is not a tar file, is cut short, or holds a sample twice; names the shard."""
+    """A shard that is not a tar file, is cut short, holds a sample twice or a member whose name is
+    not a flat ``<key>.<ext>``; names the shard."""
 
 
 def _read(stream: IO[bytes], size: int, where: str, what: str) -> bytes:
@@ -49,10 +57,19 @@ def _pax_path(records: bytes, where: str) -> str | None:
     return path
 
 
+def check_member_name(name: str, where: str) -> None:
+    """Refuse a member name that is not a flat ``<key>.<ext>`` (see the module doc)."""
+    if not name or "/" in name or "\\" in name or "\0" in name or name.startswith("."):
+        raise TarError(f"{where}: member {name!r} refused: expected a flat '<key>.<ext>' name as `run.py shard` "
+                       "writes (no '/', '\\', absolute path or '..', no leading dot); this shard was not written "
+                       "by `run.py shard`")
+
+
 def tar_members(stream: IO[bytes], where: str) -> Iterator[tuple[str, bytes]]:
     """``(name, bytes)`` of each regular file in a tar stream, in order; ``where`` names the
     shard in errors. Folders, links and PAX global headers are skipped; PAX and GNU long names
-    apply to the member after them."""
+    apply to the member after them. Every member's name (folders and links too) must pass
+    :func:`check_member_name`; nothing is written to disk."""
     long_name: str | None = None
     while True:
         header = stream.read(BLOCK)
@@ -72,9 +89,11 @@ def tar_members(stream: IO[bytes], where: str) -> Iterator[tuple[str, bytes]]:
             long_name = _pax_path(data, where) or long_name
         elif info.type == tarfile.GNUTYPE_LONGNAME:
             long_name = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
-        else:
+        elif info.type not in (tarfile.XGLTYPE, tarfile.GNUTYPE_LONGLINK):  # headers of no member
+            name = long_name or info.name
+            check_member_name(name, where)
             if info.type in tarfile.REGULAR_TYPES:
-                yield long_name or info.name, data
+                yield name, data
             long_name = None
 
 

@@ -34,7 +34,8 @@ Splits (the paper's, section 4 and 4.5):
 """
 from __future__ import annotations
 
-from pathlib import Path
+import re
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
@@ -104,21 +105,54 @@ def read_sbd_mat(path: Path) -> np.ndarray:
     return _check_indices(path, segmentation)
 
 
+_ID = re.compile(r"[A-Za-z0-9_-]+")
+"""An image id as VOC and SBD name them (``2007_000032``): a plain file stem, no dot (a
+WebDataset key ends at the first dot), no path."""
+LIST_FOLDERS = frozenset({"JPEGImages", "SegmentationClass", "SegmentationClassAug", "img", "cls"})
+"""The folders a DeepLab-style list line may name a file in (``/JPEGImages/<id>.jpg``)."""
+
+
+def list_token_id(token: str) -> str | None:
+    """The image id a split-list token names, or None when it is not one.
+
+    A token is a plain id (``2007_000032``) or, as DeepLab's lists write them, one file in a
+    dataset folder (``/JPEGImages/2007_000032.jpg``, ``SegmentationClassAug/2007_000032.png``).
+    Anything else (an absolute path elsewhere, ``..``, a deeper path) is refused, so that a
+    list can never make the sharder read a file outside the dataset root.
+    """
+    if _ID.fullmatch(token):
+        return token
+    parts = PurePosixPath(token).parts
+    if parts and parts[0] == "/":
+        parts = parts[1:]
+    if len(parts) == 2 and parts[0] in LIST_FOLDERS:
+        stem = PurePosixPath(parts[1]).stem
+        if _ID.fullmatch(stem) and parts[1] in (f"{stem}.jpg", f"{stem}.png", f"{stem}.mat"):
+            return stem
+    return None
+
+
 def read_id_list(path: Path) -> list[str]:
     """The image ids of a split list (one per line), in file order, without duplicates.
 
     A line may also name files, as DeepLab's lists do (``/JPEGImages/<id>.jpg
     /SegmentationClassAug/<id>.png``): the id is then the first file's name without suffix.
+    A line naming anything else (``../x``, ``/etc/passwd``) is a :class:`DatasetError`
+    (:func:`list_token_id`).
     """
     if not path.is_file():
         raise DatasetError(f"missing split list {path}; expected a text file with one image id per line")
     seen: dict[str, None] = {}
-    for line in path.read_text().splitlines():
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
         token = line.strip().split()[0] if line.strip() else ""
-        if "/" in token:
-            token = Path(token).stem
-        if token:
-            seen.setdefault(token, None)
+        if not token:
+            continue
+        image_id = list_token_id(token)
+        if image_id is None:
+            raise DatasetError(f"{path} line {number}: {token!r} is not an image id; expected an image id such as "
+                               "2007_000032 (letters, digits, '_', '-') or DeepLab's /JPEGImages/<id>.jpg: a split "
+                               "list names images under the dataset root only")
+        seen.setdefault(image_id, None)
     return list(seen)
 
 
@@ -197,6 +231,9 @@ def discover(root: Path, split: str) -> Discovery:
         raise DatasetError(f"unknown VOC split {split!r}: expected one of {', '.join(SPLITS)}")
     root = Path(root)
     voc = root / VOC_DIR
+    if not voc.is_dir() and (root / "leftImg8bit").is_dir():
+        raise DatasetError(f"missing folder {voc}: expected the PASCAL VOC 2012 devkit at {VOC_DIR} under the root "
+                           f"{root}, which looks like a Cityscapes root (leftImg8bit/): use --dataset cityscapes")
     _require_dir(voc, f"the PASCAL VOC 2012 devkit at {VOC_DIR} under the root {root}")
     lists = voc / "ImageSets" / "Segmentation"
     _require_dir(voc / "JPEGImages", "VOC photos <id>.jpg")

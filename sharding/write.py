@@ -59,7 +59,8 @@ def dataset_splits(dataset: str) -> tuple[str, ...]:
 def discover(dataset: str, root: Path, split: str) -> Discovery:
     """List the samples of ``split`` with the reader of ``dataset``."""
     if not Path(root).is_dir():
-        raise DatasetError(f"dataset root {root} is not a folder")
+        raise DatasetError(f"dataset root {root} is not a folder; expected the folder holding the dataset as "
+                           "downloaded (cityscapes: leftImg8bit/ and gtFine/; voc: VOCdevkit/)")
     if dataset == "cityscapes":
         return cityscapes.discover(root, split)
     if dataset == "voc":

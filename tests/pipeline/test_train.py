@@ -172,7 +172,7 @@ def test_bad_inputs_fail_clearly_before_any_work(tiny_shards: Path, tmp_path: Pa
     assert code == 2 and "did you mean optim.lr" in err
 
     code, err = _run([*base, "--data", str(tiny_shards), "--preset", "voc"], capsys)
-    assert code == 2 and "no manifest for split 'train_aug'" in err
+    assert code == 2 and "holds cityscapes shards: use --preset cityscapes" in err  # told before the missing split
     code, err = _run([*base, "--data", str(tiny_shards), "--preset", "voc", "--set", "data.train_split=train"], capsys)
     assert code == 2 and "cityscapes shards" in err
 
