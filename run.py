@@ -493,8 +493,9 @@ def _add_shard(sub: argparse._SubParsersAction) -> None:
             "VOCdevkit/VOC2012/SegmentationClassAug/ with ImageSets/Segmentation/trainaug.txt "
             "(mmsegmentation's conversion). Image counts are checked against the official ones "
             "(or those a synthetic dataset declares). Writes are atomic and a re-run skips every shard "
-            "whose checksum verifies, so an interrupted run resumes; the same input gives byte-identical "
-            "shards. verify: re-read every shard in --out against its manifest and report mismatches "
+            "whose checksum verifies, so an interrupted (even killed) run resumes; the same input gives "
+            "byte-identical shards. One run per --out at a time: another is refused while one holds "
+            "<out>/.shard.lock (removed when it ends; a killed run's lock is released by the system). verify: re-read every shard in --out against its manifest and report mismatches "
             "(exit status 1 if any)."
         ),
     )
@@ -532,6 +533,7 @@ def _cmd_shard(args: argparse.Namespace) -> int:
 
     from sharding.manifest import ManifestError, rejects_path
     from sharding.samples import DatasetError, SampleError
+    from sharding.write import OutputLockedError
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     try:
@@ -561,7 +563,7 @@ def _cmd_shard(args: argparse.Namespace) -> int:
         reports = shard_dataset(args.dataset, args.root, args.out, args.split, shard_size=args.shard_size,
                                 workers=args.workers, partial=args.partial, strict=args.strict,
                                 show_progress=not args.no_progress, encoding=args.image_encoding)
-    except (DatasetError, SampleError, ManifestError) as exc:
+    except (DatasetError, SampleError, ManifestError, OutputLockedError) as exc:
         hint = " (--strict stops at the first bad sample)" if isinstance(exc, SampleError) else ""
         print(f"run.py shard: error: {exc}{hint}", file=sys.stderr)
         return 2

@@ -15,10 +15,14 @@ that one sample needs.
 """
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import io
 import json
 import logging
+import os
+import signal
+import sys
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -211,8 +215,25 @@ def pack_shard(task: ShardTask, progress: Progress | None = None) -> ShardResult
 _worker_queue: Any = None
 
 
-def pool_init(progress_queue: Any) -> None:
+def _die_with_parent() -> None:
+    """Have the kernel SIGKILL this process when the process that started it dies (Linux only)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def pool_init(progress_queue: Any, parent: int | None = None) -> None:
+    """A pack worker's initializer: report progress to ``progress_queue``; with ``parent`` (the
+    run's pid), die with the run, even a SIGKILLed one, so that no worker goes on writing into a
+    folder a re-run has locked (``sharding.write.output_lock``)."""
     global _worker_queue
+    if parent is not None:
+        _die_with_parent()
+        if os.getppid() != parent:  # the run died before the line above took effect
+            os._exit(1)
     _worker_queue = progress_queue
 
 

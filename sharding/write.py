@@ -13,16 +13,30 @@ The image encoding (:data:`sharding.pixels.ENCODINGS`) is a property of a split:
 pixels that load several times faster, in larger shards (``benchmarks/decode_throughput.py``).
 It is part of every shard's fingerprint, so re-packing a split with the other encoding
 rewrites all of its shards and never mixes the two; the manifest records it.
+
+One run at a time per output folder: :func:`output_lock` holds an exclusive ``flock`` on
+``<out>/.shard.lock`` (the holder's pid inside) for the whole run, so a second ``run.py shard``
+on the same ``--out`` is refused at once (:class:`OutputLockedError`, naming the holder) instead
+of interleaving its shards with the first's. The kernel releases the lock when its holder dies,
+even by SIGKILL, so a re-run is never blocked by a stale file; a run that ends removes the file.
+Worker processes die with the run (``PR_SET_PDEATHSIG`` on Linux), so none outlives a killed
+run to write into a folder a re-run has locked.
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import logging
 import multiprocessing
+import os
 import queue as queue_module
 import re
+import socket
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -43,6 +57,70 @@ from sharding.text import bar_disabled, format_table
 log = logging.getLogger(__name__)
 
 DEFAULT_SHARD_SIZE = 100
+LOCK_FILE = ".shard.lock"
+
+
+class OutputLockedError(RuntimeError):
+    """Another ``run.py shard`` holds the output folder's lock; names the folder and the holder."""
+
+
+# --------------------------------------------------------------------------- one writer per folder
+
+def _lock_holder(fd: int) -> str:
+    try:
+        text = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
+    except OSError:
+        text = ""
+    return text or "its pid not yet recorded: it has only just started"
+
+
+@contextmanager
+def output_lock(out_dir: Path | str) -> Iterator[Path]:
+    """Hold ``<out_dir>/.shard.lock`` exclusively while the block runs; creates ``out_dir`` (and
+    removes it again if it was created here and is still empty at the end).
+
+    Raises:
+        OutputLockedError: another process holds the lock (its pid, host and start time are in
+            the message).
+    """
+    out_dir = Path(out_dir)
+    created = not out_dir.exists()
+    path = out_dir / LOCK_FILE
+    while True:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except FileNotFoundError:  # the folder went away with a finished holder: make it again
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = _lock_holder(fd)
+            os.close(fd)
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            raise OutputLockedError(f"{out_dir} is being written by another `run.py shard` ({holder}); "
+                                    f"wait for it to finish or stop it (it holds {path}), then run again") from None
+        try:  # a holder that finished removed the file between our open and our lock: lock the new one
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, started "
+                      f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n".encode(), 0)
+        yield path
+    finally:
+        path.unlink(missing_ok=True)  # still held: nobody can have locked this file meanwhile
+        os.close(fd)
+        if created:
+            try:
+                out_dir.rmdir()  # only if nothing was written
+            except OSError:
+                pass
 
 
 # --------------------------------------------------------------------------- datasets
@@ -135,7 +213,8 @@ def run_tasks(tasks: Sequence[ShardTask], workers: int, progress: Progress) -> l
     reader = threading.Thread(target=drain, daemon=True)
     reader.start()
     results: list[ShardResult | None] = [None] * len(tasks)
-    pool = ctx.Pool(min(workers, len(tasks)), initializer=pool_init, initargs=(progress_queue,))
+    pool = ctx.Pool(min(workers, len(tasks)), initializer=pool_init,
+                    initargs=(progress_queue, os.getpid()))
     try:
         for index, result in pool.imap_unordered(pool_pack, tasks):
             results[index] = result
@@ -205,11 +284,18 @@ def _write_rejects(out_dir: Path, split: str, rejects: Sequence[Reject]) -> Path
     return path
 
 
-def shard_split(dataset: str, root: Path | str, split: str, out_dir: Path | str, *,
-                shard_size: int = DEFAULT_SHARD_SIZE, workers: int = 1, partial: bool = False,
-                strict: bool = False, show_progress: bool = True,
-                on_progress: Progress | None = None, encoding: str = DEFAULT_ENCODING) -> SplitReport:
-    """Shard one split of a dataset into ``out_dir``, resuming what a previous run finished.
+def shard_split(dataset: str, root: Path | str, split: str, out_dir: Path | str, **options: Any) -> SplitReport:
+    """Shard one split of a dataset into ``out_dir``, resuming what a previous run finished,
+    holding the folder's lock (:func:`output_lock`); the options are :func:`_shard_split`'s."""
+    with output_lock(out_dir):
+        return _shard_split(dataset, root, split, out_dir, **options)
+
+
+def _shard_split(dataset: str, root: Path | str, split: str, out_dir: Path | str, *,
+                 shard_size: int = DEFAULT_SHARD_SIZE, workers: int = 1, partial: bool = False,
+                 strict: bool = False, show_progress: bool = True,
+                 on_progress: Progress | None = None, encoding: str = DEFAULT_ENCODING) -> SplitReport:
+    """Shard one split (the caller holds the lock of ``out_dir``).
 
     Args:
         dataset: ``"cityscapes"`` or ``"voc"``.
@@ -229,6 +315,7 @@ def shard_split(dataset: str, root: Path | str, split: str, out_dir: Path | str,
     Raises:
         DatasetError: missing folders or lists, a wrong count, or no usable sample.
         SampleError: with ``strict``, the first bad sample.
+        OutputLockedError: (from :func:`shard_split`) another run is writing ``out_dir``.
     """
     root, out_dir = Path(root), Path(out_dir)
     check_encoding(encoding)
@@ -286,9 +373,11 @@ def shard_split(dataset: str, root: Path | str, split: str, out_dir: Path | str,
 
 def shard_dataset(dataset: str, root: Path | str, out_dir: Path | str, splits: Sequence[str] | None = None,
                   **options: Any) -> list[SplitReport]:
-    """Shard several splits (all of the dataset's by default); see :func:`shard_split`."""
+    """Shard several splits (all of the dataset's by default) under one hold of the folder's
+    lock; see :func:`shard_split`."""
     names = list(splits) if splits else list(dataset_splits(dataset))
-    return [shard_split(dataset, root, split, out_dir, **options) for split in names]
+    with output_lock(out_dir):
+        return [_shard_split(dataset, root, split, out_dir, **options) for split in names]
 
 
 def format_summary(reports: Sequence[SplitReport]) -> str:
