@@ -495,7 +495,8 @@ def _add_shard(sub: argparse._SubParsersAction) -> None:
             "(or those a synthetic dataset declares). Writes are atomic and a re-run skips every shard "
             "whose checksum verifies, so an interrupted (even killed) run resumes; the same input gives "
             "byte-identical shards. One run per --out at a time: another is refused while one holds "
-            "<out>/.shard.lock (removed when it ends; a killed run's lock is released by the system). verify: re-read every shard in --out against its manifest and report mismatches "
+            "<out>/.shard.lock (removed when it ends; a killed run's lock is released by the system). "
+            "verify: re-read every shard in --out against its manifest and report mismatches "
             "(exit status 1 if any)."
         ),
     )
