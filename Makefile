@@ -41,7 +41,7 @@ demo: $(STAMP)
 	cd $(DEMO) && $(DEMO_PY) evaluate --model models:/dfdam-synthetic@champion --data shards
 	cd $(DEMO) && $(DEMO_PY) evaluate --model models:/dfdam-synthetic@champion --data shards --ms --flip --workers 2
 	@echo
-	@echo "Look at the runs:  cd $(DEMO) && ../$(PY) -m mlflow ui --backend-store-uri sqlite:///$$(pwd)/$(DEMO)/mlflow.db"
+	@echo "Look at the runs:  cd $(DEMO) && ../$(PY) -m mlflow ui --host 127.0.0.1 --backend-store-uri sqlite:///$$(pwd)/$(DEMO)/mlflow.db"
 
 profile: $(STAMP)
 	$(PY) run.py profile --backbone resnet101 --size 320x640

@@ -89,8 +89,8 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
             ) from None
         except (urllib.error.URLError, OSError) as exc:
             raise TrackingError(
-                f"MLflow tracking server {uri} is unreachable ({exc}); start it (mlflow server ...) or "
-                "unset MLFLOW_TRACKING_URI to use the embedded SQLite store"
+                f"MLflow tracking server {uri} is unreachable ({exc}); start it "
+                "(mlflow server --host 127.0.0.1 ...) or unset MLFLOW_TRACKING_URI to use the embedded SQLite store"
             ) from None
         return
     if uri.startswith("file:") or "://" not in uri:

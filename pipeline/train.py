@@ -360,4 +360,6 @@ def print_result(result: TrainResult, stream=sys.stdout) -> None:
           f"(best {m.get('best_val_miou', float('nan')):.4f})", file=stream)
     print(f"  checkpoint: {result.checkpoint}", file=stream)
     print(f"  MLflow run: {result.run_id} in {result.tracking_uri}", file=stream)
-    print(f"  look:       mlflow ui --backend-store-uri {result.tracking_uri}", file=stream)
+    look = (f"open {result.tracking_uri} in a browser" if result.tracking_uri.startswith(("http://", "https://"))
+            else f"mlflow ui --host 127.0.0.1 --backend-store-uri {result.tracking_uri}")  # this machine only
+    print(f"  look:       {look}", file=stream)
