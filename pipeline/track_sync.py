@@ -52,6 +52,7 @@ def describe(entries: list[dict[str, Any]]) -> list[str]:
     steps = sorted({e["step"] for e in entries if e["kind"] == "metrics"})
     words = [f"metrics of epoch(s) {', '.join(map(str, steps))}"] if steps else []
     words += [e["name"] for e in entries if e["kind"] in ("json", "text", "missing")]
+    words += [f"tag {k}={v}" for e in entries if e["kind"] == "tags" for k, v in e["tags"].items()]
     words += [f"status {e['status']}" for e in entries if e["kind"] == "status"][-1:]
     return list(dict.fromkeys(words))
 
@@ -77,7 +78,7 @@ def sync_run(run_dir: str | Path, uri: str | None = None, wait_s: float = 0.0, s
         time.sleep(1.0)
     try:
         for entry in entries:
-            if entry["kind"] in ("metrics", "json", "text") and tracking.deliver(entry):
+            if entry["kind"] in ("metrics", "json", "text", "tags") and tracking.deliver(entry):
                 report.sent += describe([entry])
         for entry in entries:
             if entry["kind"] == "missing":

@@ -240,7 +240,7 @@ class Outbox:
     run's storage folder) so that nothing is lost if the process dies. Every later call first
     sends what is pending, in order; an entry sent again never doubles (metrics by step, files
     by name, a status once). Entries: ``metrics`` (one epoch's, with its step and timestamp),
-    ``json`` / ``text`` (small files, with their content), ``status`` (the run's end) and
+    ``json`` / ``text`` (small files, with their content), ``tags``, ``status`` (the run's end) and
     ``missing`` (a figure, image or the model, too large to keep: ``run.py track sync``
     rebuilds the model and the confusion-matrix figure from the run folder). ``path`` None
     (remote storage) keeps entries in memory only.
@@ -341,6 +341,12 @@ def deliver(entry: dict[str, Any]) -> bool:
         if has_artifact(uri, run_id, entry["name"]):
             return False
         (log_json if kind == "json" else log_text)(uri, run_id, entry["data"], entry["name"])
+        return True
+    if kind == "tags":
+        tags = MlflowClient(uri).get_run(run_id).data.tags
+        if all(tags.get(k) == v for k, v in entry["tags"].items()):
+            return False
+        set_tags(uri, run_id, entry["tags"])
         return True
     if kind == "status":
         if run_state(uri, run_id) == entry["status"]:

@@ -79,7 +79,7 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], space: dict[str, 
                            outbox=outbox)
     with tracking.run_status(tracking_uri, run_id, killed=(), outbox=outbox):  # a trial that does not finish failed
         trainer.fit()
-        tracking.set_tags(tracking_uri, run_id, {"dfdam.status": "finished"})
+        outbox.send(tracking_uri, run_id, {"kind": "tags", "tags": {"dfdam.status": "finished"}})
 
 
 # ----------------------------------------------------------------------------- the driver
@@ -110,7 +110,8 @@ def search(cfg: Config, settings: SearchSettings, space: dict[str, Dimension], *
         {**dataclasses.asdict(settings), **{f"space.{n}": d.describe() for n, d in space.items()}},
         tags={"dfdam.kind": "search"},
     )
-    with tracking.run_status(uri, parent_run_id, killed=(KeyboardInterrupt, SearchInterrupted)):
+    with tracking.run_status(uri, parent_run_id, killed=(KeyboardInterrupt, SearchInterrupted),
+                             outbox=tracking.Outbox.for_run(join(storage, settings.name))):
         tuner = _tuner(storage, cfg, settings, space, resume, _trainable(cfg, space, uri, experiment, parent_run_id))
         # Tune's new output engine prints a banner and hints even at verbose=0; its classic
         # reporter prints nothing at 0: trial_printer's lines are the console.
@@ -123,17 +124,34 @@ def search(cfg: Config, settings: SearchSettings, space: dict[str, Dimension], *
                 f"search {settings.name!r} was interrupted ({ended} of {trials} trials had ended); its "
                 f"state is saved. Continue it with: python run.py tune --resume --name {settings.name} "
                 f"--data {cfg.data.shards} --storage {storage}")
-        rows = collect_rows(results, cfg.train.epochs, uri, experiment, parent_run_id, list(space))
-        model_name = registry_name(cfg.dataset, register_as, has_grid(space))
-        registered = register_best(rows, uri, model_name, cfg, val_manifest) if model_name else None
-        grid = [d for d in space.values() if d.kind == GRID]
-        ablation = (ablation_table(rows, grid, dataset=cfg.dataset, backbone=cfg.model.backbone,
-                                   variant=cfg.model.variant, epochs=cfg.train.epochs) if grid else "")
-        result = SearchResult(settings.name, list(space), parent_run_id, uri, rows, registered,
-                              time.perf_counter() - started, grid_epochs=len(rows) * cfg.train.epochs,
-                              grid=[d.name for d in grid], ablation=ablation)
-        log_search(result)
+        with _tracked_end(uri, settings.name, f"--data {cfg.data.shards} --storage {storage}"):
+            rows = collect_rows(results, cfg.train.epochs, uri, experiment, parent_run_id, list(space))
+            model_name = registry_name(cfg.dataset, register_as, has_grid(space))
+            registered = register_best(rows, uri, model_name, cfg, val_manifest) if model_name else None
+            grid = [d for d in space.values() if d.kind == GRID]
+            ablation = (ablation_table(rows, grid, dataset=cfg.dataset, backbone=cfg.model.backbone,
+                                       variant=cfg.model.variant, epochs=cfg.train.epochs) if grid else "")
+            result = SearchResult(settings.name, list(space), parent_run_id, uri, rows, registered,
+                                  time.perf_counter() - started, grid_epochs=len(rows) * cfg.train.epochs,
+                                  grid=[d.name for d in grid], ablation=ablation)
+            log_search(result)
     return result
+
+
+@contextlib.contextmanager
+def _tracked_end(uri: str, name: str, where: str) -> Iterator[None]:
+    """The search's end (trials' runs set straight, registry, report) with the tracking server away:
+    one :class:`~pipeline.tracking.TrackingError` saying what is saved and how to finish, not MLflow's
+    traceback. The search's own run is closed by the resumed search (its FAILED waits in the outbox)."""
+    try:
+        yield
+    except Exception as exc:
+        if tracking.server_answers(uri):
+            raise
+        raise tracking.TrackingError(
+            f"MLflow server {uri} went away at the end of search {name!r}: its trials are done and saved with "
+            "Tune's state, but the trials' runs, the registry and the search's report were not all written. Once "
+            f"the server is back, finish it with: python run.py tune --resume --name {name} {where}") from exc
 
 
 def _tuner(storage: str, cfg: Config, settings: SearchSettings, space: dict[str, Dimension], resume: bool,

@@ -270,6 +270,8 @@ SLOW_TESTS = {
     "tests/pipeline/test_export.py::test_cli_onnx_export_prints_the_check_and_runs_in_onnxruntime":
         "torch.onnx's torch.export-based export of DF-DAM-R18, then onnxruntime (15 s; 30-47 s while other jobs load the 2 cores)",
     "tests/pipeline/test_registry.py": "MLflow stores, logged models and a registry (8 s)",
+    "tests/pipeline/test_tracking_server.py::test_sync_sends_what_an_outbox_kept_once":
+        "an MLflow SQLite store created, then sent to twice (8 s; 20 s while other jobs load the 2 cores)",
     "tests/pipeline/test_evaluate.py::test_the_result_is_logged_to_the_models_run_under_the_protocols_name":
         "an MLflow store and a logged model (10 s)",
     "tests/pipeline/test_resume.py": "DF-DAM trained for 8 epochs in the test process (11 s)",

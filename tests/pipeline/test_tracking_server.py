@@ -58,7 +58,8 @@ def test_an_unusable_tracking_uri_is_refused_before_any_work(kind: str, tiny_sha
             threading.Thread(target=server.serve_forever, daemon=True).start()
             uri, expected = f"http://127.0.0.1:{server.server_address[1]}", "answered /health with HTTP 500"
         code = run.main(["train", "--preset", "synthetic", "--data", str(tiny_shards), "--epochs", "1",
-                         "--storage", str(tmp_path / "runs"), "--name", "never", "--set", f"tracking.uri={uri}"])
+                         "--storage", str(tmp_path / "runs"), "--name", "never", "--set", "data.crop_size=64x64",
+                         "--set", f"tracking.uri={uri}"])
     finally:
         blocker.close()
         if server is not None:
@@ -87,23 +88,45 @@ def test_sync_sends_what_an_outbox_kept_once(tmp_path: Path, monkeypatch: pytest
         assert outbox.log_metrics(away, run_id, {"val_miou": 0.5, "epoch": 2, "bad": float("nan")}, step=2) is False
         outbox.send(away, run_id, {"kind": "text", "name": "eval/per_class_iou.txt", "data": "road 0.5\n"})
         outbox.send(away, run_id, {"kind": "missing", "name": "model"}, lambda: pytest.fail("not called: away"))
+        outbox.send(away, run_id, {"kind": "tags", "tags": {"dfdam.status": "finished"}})
         outbox.send(away, run_id, {"kind": "status", "status": "FINISHED"})
-        assert len(outbox.pending) == 4  # the model is named in the file only
+        assert len(outbox.pending) == 5  # the model is named in the file only
         assert sync_run(run_dir, wait_s=0).waiting  # the server is still away
     finally:
         blocker.close()
     assert [e["kind"] for e in tracking.read_outbox(run_dir / tracking.OUTBOX_FILE)] == [
-        "metrics", "metrics", "text", "missing", "status"]
+        "metrics", "metrics", "text", "missing", "tags", "status"]
 
     report = sync_run(run_dir, uri=store)
-    assert report.complete and report.sent == ["metrics of epoch(s) 2", "eval/per_class_iou.txt", "status FINISHED"]
+    assert report.complete and report.sent == ["metrics of epoch(s) 2", "eval/per_class_iou.txt",
+                                               "tag dfdam.status=finished", "status FINISHED"]
     assert report.lost == [f"model (no complete checkpoint in {run_dir})"]
     client = MlflowClient(store)
     assert sorted((m.step, m.value) for m in client.get_metric_history(run_id, "val_miou")) == [(1, 0.25), (2, 0.5)]
     assert client.get_metric_history(run_id, "bad") == []
     assert client.get_run(run_id).info.status == "FINISHED"
+    assert client.get_run(run_id).data.tags["dfdam.status"] == "finished"
     again = sync_run(run_dir, uri=store)
     assert again.sent == [] and len(client.get_metric_history(run_id, "val_miou")) == 2
+
+
+def test_a_search_ending_while_the_server_is_away_says_how_to_finish(tmp_path: Path) -> None:
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.tune import _tracked_end
+
+    blocker = _refused_port()
+    try:
+        away = f"http://127.0.0.1:{blocker.getsockname()[1]}"
+        with pytest.raises(tracking.TrackingError, match="went away at the end of search 's'.*"
+                           "python run.py tune --resume --name s --data D --storage S"):
+            with _tracked_end(away, "s", "--data D --storage S"):
+                raise MlflowException("API request failed")
+    finally:
+        blocker.close()
+    with pytest.raises(MlflowException, match="refused request"):  # a server that answers: its error as it is
+        with _tracked_end(f"sqlite:///{tmp_path / 'm.db'}", "s", ""):
+            raise MlflowException("refused request")
 
 
 # ----------------------------------------------------------------------------- a real server
