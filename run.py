@@ -618,9 +618,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
     try:
         height, width = parse_size(args.sample_size, minimum=64)
     except ValueError as exc:
-        raise SystemExit(f"run.py export: --sample-size: {exc}") from None
+        print(f"run.py export: error: --sample-size: {exc}", file=sys.stderr)
+        return 2
     if not args.atol >= 0:
-        raise SystemExit(f"run.py export: --atol must be >= 0, got {args.atol}")
+        print(f"run.py export: error: --atol must be >= 0, got {args.atol}", file=sys.stderr)
+        return 2
     print(f"exporting {args.model} as {args.format}, checked at {height}x{width} ...", flush=True)
     try:
         report, source = export_reference(args.model, args.format, args.out, height, width,

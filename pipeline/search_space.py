@@ -134,6 +134,9 @@ def parse_space(cfg: Config, specs: list[str] | None = None, file: str | Path | 
             spec: dict[str, Any] = {"type": kind, "values": [v for v in args.split(",") if v]}
         else:
             bounds = args.split(":")
+            if kind in KINDS and len(bounds) != 2:
+                raise ConfigError(f"--space {text!r}: {kind} takes two bounds; expected {name.strip()}={kind}:LOW:HIGH "
+                                  "such as lr=loguniform:1e-3:1e-1")
             spec = {"type": kind, "low": bounds[0], "high": bounds[1] if len(bounds) > 1 else None}
         space[name.strip()] = _dimension(name.strip(), spec, cfg, f"--space {text!r}")
     replaced = [n for n, d in (grid or {}).items() if space[n] is not d]

@@ -52,7 +52,7 @@ class Inputs:
     shards: Path  # tiny_shards: synthetic Cityscapes shards (19 classes)
     voc_shards: Path  # the VOC root's shards (21 classes)
     checkpoint: Path  # an untrained DF-DAM-R18 checkpoint for `shards`
-    store: Path  # a real SQLite MLflow store (schema made, empty)
+    store: Path  # a real SQLite MLflow store: no runs, one registered model (dfdam-synthetic) without versions
     closed_port: int  # a 127.0.0.1 port bound by this process, never listening: connections refused
     error_server: str  # http://127.0.0.1:PORT answering every request with HTTP 500
 
@@ -101,7 +101,7 @@ def inputs(tiny_shards: Path, tmp_path_factory: pytest.TempPathFactory):
                                  optimizer=None, scaler=None, epoch=0, step=0, config=cfg,
                                  dataset=dataset_info(manifest), metrics={})
     store = base / "mlflow.db"
-    MlflowClient(f"sqlite:///{store}").search_experiments()  # the schema, made by MLflow itself
+    MlflowClient(f"sqlite:///{store}").create_registered_model("dfdam-synthetic")  # a name without versions
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Answers500)
     thread = threading.Thread(target=server.serve_forever, name="answers-500", daemon=True)
     thread.start()
@@ -342,7 +342,7 @@ ROWS = [
     Row("tune: --space without a kind", lambda i, f: _tune(i, f, "--space", "lr"),
         ("--space 'lr'", "expected name=kind:low:high")),
     Row("tune: --space with one bound", lambda i, f: _tune(i, f, "--space", "lr=uniform:0.1"),
-        ("lr: uniform needs numeric low and high",)),
+        ("uniform takes two bounds", "expected lr=uniform:LOW:HIGH")),
     Row("tune: --space of an unknown kind", lambda i, f: _tune(i, f, "--space", "lr=gaussian:0:1"),
         ("type must be one of", "'gaussian'")),
     Row("tune: --space of an unknown name", lambda i, f: _tune(i, f, "--space", "momentumm=uniform:0:1"),
@@ -371,6 +371,16 @@ ROWS = [
     Row("evaluate: a models:/ name that does not exist",
         lambda i, f: ["evaluate", "--model", "models:/dfdam-nothing@champion", "--data", str(i.shards)],
         ("models:/dfdam-nothing@champion",)),
+    Row("evaluate: a models:/ alias that does not exist",
+        lambda i, f: ["evaluate", "--model", "models:/dfdam-synthetic@nosuch", "--data", str(i.shards)],
+        ("models:/dfdam-synthetic@nosuch", "alias")),
+    Row("evaluate: a models:/ version that does not exist",
+        lambda i, f: ["evaluate", "--model", "models:/dfdam-synthetic/7", "--data", str(i.shards)],
+        ("models:/dfdam-synthetic/7", "version")),
+    Row("evaluate: --address with nothing listening",
+        lambda i, f: ["evaluate", "--model", str(i.checkpoint), "--data", str(i.shards), "--workers", "2",
+                      "--address", f"127.0.0.1:{i.closed_port}", "--no-log"],
+        ("cannot reach the Ray cluster", "ray start --head")),
     Row("evaluate: a run id that does not exist",
         lambda i, f: ["evaluate", "--model", "0123456789abcdef0123456789abcdef", "--data", str(i.shards)],
         ("0123456789abcdef0123456789abcdef", "neither a models:/ URI, a checkpoint, nor a run id")),
