@@ -89,18 +89,20 @@ def check_inputs(cfg: Config) -> tuple[Manifest, Manifest]:
 
 def check_crop(cfg: Config, manifest: Manifest) -> None:
     """Refuse a training crop (section 4.1: random scale, then a ``data.crop_size`` crop, padded
-    where the scaled image is smaller) larger than every image of the split even at the largest
-    scale: every crop would then be partly padding, never a whole window of an image."""
+    where the scaled image is smaller) larger than every image of the split, in height and width,
+    even at the largest scale: every crop would then be a whole image framed by padding, never a
+    random window of one. (A crop taller or wider than the images only is padded on that side,
+    as the paper's crops of small VOC images are.)"""
     if manifest.num_samples == 0:
         return
     scale = max(cfg.data.scales)
     largest = [int(max(manifest.table.column(side).to_pylist()) * scale) for side in ("height", "width")]
     crop = cfg.data.crop_size
-    if crop[0] > largest[0] or crop[1] > largest[1]:
+    if crop[0] > largest[0] and crop[1] > largest[1]:
         raise ConfigError(f"data.crop_size {crop[0]}x{crop[1]} is larger than every image of split "
                           f"{manifest.split!r} in {storage.display(manifest.root)} even at the largest scale {scale:g} "
-                          f"(at most {largest[0]}x{largest[1]}): expected at most {largest[0]}x{largest[1]} "
-                          "(--set data.crop_size=HxW)")
+                          f"(at most {largest[0]}x{largest[1]}): each crop would be a whole image and padding; expected "
+                          f"a crop within {largest[0]}x{largest[1]} in height or width (--set data.crop_size=HxW)")
 
 
 def worker_resources(cfg: Config) -> dict[str, float]:

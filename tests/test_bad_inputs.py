@@ -308,7 +308,7 @@ ROWS = [
     Row("train: negative learning rate", lambda i, f: _train(i, f, "--set", "optim.lr=-0.01"),
         ("optim.lr must be positive", "lr=-0.01")),
     Row("train: crop larger than any image", lambda i, f: _train(i, f, "--set", "data.crop_size=512x512"),
-        ("data.crop_size 512x512", "larger than every image", "expected at most")),
+        ("data.crop_size 512x512", "larger than every image", "expected a crop within 96x192")),
     Row("train: batch not divisible by workers", lambda i, f: _train(i, f, "--workers", "3"),
         ("data.batch_size must be divisible by train.workers", "workers=3", "batch_size=4")),
     Row("train: zero workers", lambda i, f: _train(i, f, "--workers", "0"),

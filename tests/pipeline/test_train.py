@@ -166,7 +166,7 @@ def test_bad_inputs_fail_clearly_before_any_work(tiny_shards: Path, tmp_path: Pa
     empty = tmp_path / "empty"
     empty.mkdir()
     code, err = _run([*base, "--data", str(empty)], capsys)
-    assert code == 2 and "train.manifest.parquet" in err
+    assert code == 2 and "val.manifest.parquet" in err  # the validation split is read first
 
     code, err = _run([*base, "--data", str(tiny_shards), "--set", "optim.lrr=0.1"], capsys)
     assert code == 2 and "did you mean optim.lr" in err
