@@ -215,6 +215,19 @@ def _resumed_with_another_backbone(i: Inputs, folder: Path) -> list[str]:
     return _train(i, folder, "--resume", "--name", "r18", "--epochs", "3", "--set", "model.backbone=resnet50")
 
 
+def _damaged_shards(i: Inputs, folder: Path, how: str) -> Path:
+    """A copy of the tiny shards with one shard deleted, cut to half its size, or replaced by another."""
+    shards = _copy(i.shards, folder)
+    if how == "deleted":
+        (shards / "train-000001.tar").unlink()
+    elif how == "cut":
+        shard = shards / "val-000000.tar"
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    else:
+        shutil.copyfile(shards / "train-000000.tar", shards / "train-000001.tar")
+    return shards
+
+
 def _space_file(folder: Path, text: str) -> Path:
     path = folder / "space.json"
     path.write_text(text)
@@ -294,6 +307,10 @@ ROWS = [
     Row("train: Cityscapes shards with the voc preset",
         lambda i, f: _train(i, f, "--preset", "voc", data=i.shards),
         ("preset 'voc' is made for voc", "holds cityscapes shards", "--preset cityscapes")),
+    Row("train: a shard deleted after sharding", lambda i, f: _train(i, f, data=_damaged_shards(i, f, "deleted")),
+        ("train-000001.tar", "is missing", "run.py shard verify")),
+    Row("train: a shard replaced by another", lambda i, f: _train(i, f, data=_damaged_shards(i, f, "replaced")),
+        ("train-000001.tar", "begins with", "replaced by another shard")),
     # ---- train: --set
     Row("train: unknown --set field", lambda i, f: _train(i, f, "--set", "optim.lrate=0.1"),
         ("unknown field 'optim.lrate'", "optim has", "'lr'")),
@@ -384,6 +401,9 @@ ROWS = [
     Row("evaluate: a run id that does not exist",
         lambda i, f: ["evaluate", "--model", "0123456789abcdef0123456789abcdef", "--data", str(i.shards)],
         ("0123456789abcdef0123456789abcdef", "neither a models:/ URI, a checkpoint, nor a run id")),
+    Row("evaluate: a shard cut short",
+        lambda i, f: ["evaluate", "--model", str(i.checkpoint), "--data", str(_damaged_shards(i, f, "cut")), "--no-log"],
+        ("val-000000.tar", "cut short")),
     Row("evaluate: a split that has no manifest",
         lambda i, f: ["evaluate", "--model", str(i.checkpoint), "--data", str(i.shards), "--split", "tset"],
         ("tset", "manifest")),
