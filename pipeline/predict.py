@@ -49,6 +49,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -241,7 +242,7 @@ def read_files(files: Iterable[tuple[str, str]]) -> Iterator[tuple[str, np.ndarr
             with Image.open(path) as image:
                 rgb = np.asarray(image.convert("RGB"))
         except OSError as exc:
-            raise PredictError(f"{path}: not a readable image ({exc})") from exc
+            raise PredictError(f"{path}: not a readable image ({exc}); expected a PNG or JPG file") from exc
         yield name, rgb
 
 
@@ -383,7 +384,29 @@ def predict(reference: str, source: str | Path, out: str | Path, *, split: str =
     if num_classes is not None and "num_classes" in dataset and dataset["num_classes"] != num_classes:
         raise PredictError(f"{loaded.source} predicts {dataset['num_classes']} classes, but split {split!r} of "
                            f"{source} has {num_classes}: predict the data it was trained for")
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _predict_into(out, loaded, tasks, expected, outputs, source, workers, gpu, address, show_progress)
+    except BaseException:
+        if created:
+            _remove_empty_folders(out)  # a run that wrote nothing leaves no --out folder behind
+        raise
+
+
+def _remove_empty_folders(folder: Path) -> None:
+    """``folder`` and the folders below it, deepest first, where they hold no file."""
+    for path in sorted((p for p in folder.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        if not any(path.iterdir()):
+            path.rmdir()
+    if not any(folder.iterdir()):
+        folder.rmdir()
+
+
+def _predict_into(out: Path, loaded: Any, tasks: list[PredictTask], expected: list[list[str]], outputs: Outputs,
+                  source: str | Path, workers: int, gpu: bool, address: str | None,
+                  show_progress: bool) -> PredictReport:
+    """The prediction loop of :func:`predict`, into the existing folder ``out``."""
     removed = remove_temporaries(out)
     total = sum(len(names) for names in expected)
     bar = tqdm(total=total, unit="img", desc="predict", disable=bar_disabled(show_progress))

@@ -228,6 +228,12 @@ def _damaged_shards(i: Inputs, folder: Path, how: str) -> Path:
     return shards
 
 
+def _text_file(folder: Path, name: str) -> Path:
+    path = folder / name
+    path.write_text("not an image\n")
+    return path
+
+
 def _space_file(folder: Path, text: str) -> Path:
     path = folder / "space.json"
     path.write_text(text)
@@ -293,6 +299,9 @@ ROWS = [
     Row("make-synthetic: --out holds other files",
         lambda i, f: ["make-synthetic", "--layout", "voc", "--out", str(i.shards)],
         ("empty",)),
+    Row("make-synthetic: negative --train",
+        lambda i, f: ["make-synthetic", "--layout", "voc", "--out", str(f / "out"), "--train", "-1"],
+        ("need at least 4 train_aug", "got -1")),
     Row("make-synthetic: malformed --size",
         lambda i, f: ["make-synthetic", "--layout", "cityscapes", "--out", str(f / "out"), "--size", "128x"],
         ("expected HxW such as 128x256", "'128x'")),
@@ -412,6 +421,18 @@ ROWS = [
         lambda i, f: ["predict", "--model", str(i.checkpoint), "--input", str(f / "nothing.png"),
                       "--out", str(f / "out")],
         ("nothing.png",)),
+    Row("predict: a file that is not an image",
+        lambda i, f: ["predict", "--model", str(i.checkpoint), "--input", str(_text_file(f, "junk.png")),
+                      "--out", str(f / "out")],
+        ("junk.png", "not a readable image", "expected a PNG or JPG file")),
+    Row("predict: --batch-size 0",
+        lambda i, f: ["predict", "--model", str(i.checkpoint), "--input", str(i.shards), "--out", str(f / "out"),
+                      "--batch-size", "0"],
+        ("batch size", "must be at least 1", "got 0")),
+    Row("explain: a file that is not an image",
+        lambda i, f: ["explain", "--model", str(i.checkpoint), "--input", str(_text_file(f, "junk.png")),
+                      "--out", str(f / "out")],
+        ("junk.png", "not an image", "expected PNG or JPG")),
     Row("explain: image that does not exist",
         lambda i, f: ["explain", "--model", str(i.checkpoint), "--input", str(f / "nothing.png"),
                       "--out", str(f / "out")],
