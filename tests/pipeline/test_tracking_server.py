@@ -244,7 +244,7 @@ def test_server_lost_mid_training_and_back_within_the_run(ray_cluster, mlflow_se
     mlflow_server.start()
     result = training.finish()
 
-    assert _kept_metrics(outbox)[0] >= 2  # what the outage kept, sent once the server was back
+    assert max(_kept_metrics(outbox)) >= 2  # what the outage kept (epoch 1 too if cut off before its answer)
     console = training.console.getvalue()
     assert "left RUNNING" not in console and "not kept: eval/overlays/" in console, console
     _assert_complete(uri, result.run_id, 3)
@@ -267,7 +267,9 @@ def test_server_never_back_then_track_sync_completes_the_run(ray_cluster, mlflow
     result = training.finish()
     console = training.console.getvalue()
     assert f"python run.py track sync {run_dir}" in console and "left RUNNING" in console, console
-    assert _kept_metrics(run_dir / tracking.OUTBOX_FILE) == [2]
+    # Epoch 2 waits; epoch 1 too when the kill came between its commit and the server's answer (it
+    # is then on the server and in the outbox: sent once all the same, as the history below shows).
+    assert _kept_metrics(run_dir / tracking.OUTBOX_FILE) in ([2], [1, 2])
     statuses = [e["status"] for e in tracking.read_outbox(run_dir / tracking.OUTBOX_FILE) if e["kind"] == "status"]
     assert statuses == ["FINISHED"]
 
