@@ -158,6 +158,10 @@ def load_model(reference: str, tracking_uri: str | None = None) -> LoadedModel:
         data = Config.from_dict(state["config"]).data
         return LoadedModel(LogitsOnly(model_from_checkpoint(state, path)).eval(), str(path), dict(state["dataset"]),
                            data.mean, data.std)
+    if not reference.startswith(("models:/", "runs:/")) and ("/" in reference or path.suffix in (".pt", ".pth")):
+        # A path, not a run id: said so here rather than asked of (and, for SQLite, created in) MLflow.
+        raise FileNotFoundError(f"no checkpoint at {reference}: expected a checkpoint file or folder, a Ray Train run "
+                                "folder, an MLflow run id or a models:/ URI")
     uri = tracking.resolve_uri(tracking_uri)
     tracking.check_reachable(uri)
     model_uri = tracking.resolve_model_uri(uri, reference)
