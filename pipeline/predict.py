@@ -247,15 +247,23 @@ def read_files(files: Iterable[tuple[str, str]]) -> Iterator[tuple[str, np.ndarr
 
 
 def read_shard(shard: str) -> Iterator[tuple[str, np.ndarray]]:
-    """``(key, uint8 (H, W, 3) RGB)`` of each sample of one shard, in order."""
+    """``(key, uint8 (H, W, 3) RGB)`` of each sample of one shard, in order; a sample that does
+    not decode, or a shard cut short, is a :class:`PredictError` naming it (never skipped)."""
     import webdataset as wds
 
-    from pipeline.data import decode_sample
+    from pipeline.data import VERIFY_HINT, decode_sample
+    from sharding.storage import display
+    from sharding.tarstream import TarError
 
-    pipeline = wds.DataPipeline(wds.SimpleShardList([shard]), shard_samples(),  # a path or a URL
-                                wds.map(decode_sample))
-    for sample in pipeline:
-        yield sample["key"], sample["image"]
+    pipeline = wds.DataPipeline(wds.SimpleShardList([shard]), shard_samples())  # a path or a URL
+    key = None
+    try:
+        for sample in pipeline:
+            key = sample.get("__key__")
+            yield key, decode_sample(sample)["image"]
+    except (ValueError, TarError) as exc:  # decode_members' and the tar reader's errors name the shard
+        where = f"{display(shard)}" + (f", sample {key!r}" if key else "")
+        raise PredictError(f"{where}: {exc}; expected a shard written by `run.py shard`. {VERIFY_HINT}") from None
 
 
 def same_size_batches(samples: Iterable[tuple[str, np.ndarray]],
@@ -415,7 +423,8 @@ def _predict_into(out: Path, loaded: Any, tasks: list[PredictTask], expected: li
         from pipeline.ray_map import map_with_model
 
         results: Iterable[tuple[int, list[str]]] = map_with_model(predict_task, loaded.model, tasks, workers=workers,
-                                                                  gpu=gpu, address=address)
+                                                                  gpu=gpu, address=address,
+                                                                  passthrough=(PredictError,))
     else:
         device = torch.device("cuda") if gpu else torch.device("cpu")
         model = loaded.model.to(device).eval()

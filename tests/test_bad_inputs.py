@@ -35,6 +35,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.damage import damage_member
+
 REPO = Path(__file__).resolve().parents[1]
 VOC_LISTS = Path("VOCdevkit/VOC2012/ImageSets/Segmentation")
 SBD = Path("benchmark_RELEASE/dataset")
@@ -228,6 +230,13 @@ def _damaged_shards(i: Inputs, folder: Path, how: str) -> Path:
     return shards
 
 
+def _damaged_image(i: Inputs, folder: Path) -> Path:
+    """A copy of the tiny shards whose first val image's bytes no decoder recognises."""
+    shards = _copy(i.shards, folder)
+    damage_member(shards / "val-000000.tar", 0, "png", "header")
+    return shards
+
+
 def _text_file(folder: Path, name: str) -> Path:
     path = folder / name
     path.write_text("not an image\n")
@@ -399,13 +408,13 @@ ROWS = [
         ("checkpoint.pt", "weights do not fit the model its config describes", "sum")),
     Row("evaluate: a models:/ name that does not exist",
         lambda i, f: ["evaluate", "--model", "models:/dfdam-nothing@champion", "--data", str(i.shards)],
-        ("models:/dfdam-nothing@champion",)),
+        ("models:/dfdam-nothing@champion", "expected models:/NAME/VERSION or models:/NAME@ALIAS")),
     Row("evaluate: a models:/ alias that does not exist",
         lambda i, f: ["evaluate", "--model", "models:/dfdam-synthetic@nosuch", "--data", str(i.shards)],
-        ("models:/dfdam-synthetic@nosuch", "alias")),
+        ("models:/dfdam-synthetic@nosuch", "alias", "expected models:/NAME/VERSION")),
     Row("evaluate: a models:/ version that does not exist",
         lambda i, f: ["evaluate", "--model", "models:/dfdam-synthetic/7", "--data", str(i.shards)],
-        ("models:/dfdam-synthetic/7", "version")),
+        ("models:/dfdam-synthetic/7", "version", "expected models:/NAME/VERSION")),
     Row("evaluate: --address with nothing listening",
         lambda i, f: ["evaluate", "--model", str(i.checkpoint), "--data", str(i.shards), "--workers", "2",
                       "--address", f"127.0.0.1:{i.closed_port}", "--no-log"],
@@ -428,6 +437,13 @@ ROWS = [
         lambda i, f: ["predict", "--model", str(i.checkpoint), "--input", str(_text_file(f, "junk.png")),
                       "--out", str(f / "out")],
         ("junk.png", "not a readable image", "expected a PNG or JPG file")),
+    Row("predict: a shard with a damaged image",
+        lambda i, f: ["predict", "--model", str(i.checkpoint), "--input", str(_damaged_image(i, f)), "--split", "val",
+                      "--out", str(f / "out")],
+        ("val-000000.tar", "sample", "expected a shard written by `run.py shard`", "shard verify")),
+    Row("evaluate: missing shard folder",
+        lambda i, f: ["evaluate", "--model", str(i.checkpoint), "--data", str(f / "nowhere")],
+        ("nowhere", "does not exist", "expected the --out folder of `run.py shard`")),
     Row("predict: --batch-size 0",
         lambda i, f: ["predict", "--model", str(i.checkpoint), "--input", str(i.shards), "--out", str(f / "out"),
                       "--batch-size", "0"],
