@@ -125,7 +125,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from pipeline.train import fit, print_result
 
     if args.resume and not args.name:
-        raise SystemExit("run.py train: --resume needs --name NAME of the run to continue")
+        print("run.py train: error: --resume needs --name NAME of the run to continue", file=sys.stderr)
+        return 2
     cfg = _config_from_args(args)
     result = fit(cfg, name=args.name, resume=args.resume, address=args.address)
     print_result(result)
@@ -393,7 +394,8 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     from pipeline.tune import SearchInterrupted, SearchSettings, search
 
     if args.resume and not args.name:
-        raise SystemExit("run.py tune: --resume needs --name NAME of the search to continue")
+        print("run.py tune: error: --resume needs --name NAME of the search to continue", file=sys.stderr)
+        return 2
     cfg = _config_from_args(args)
     space = parse_space(cfg, args.space, args.space_file, grid=parse_grid(cfg, args.grid))
     trials, scheduler, search_alg = resolve_settings(space, getattr(args, "trials", None),
@@ -540,12 +542,11 @@ def _cmd_shard(args: argparse.Namespace) -> int:
     try:
         if args.action == "verify":
             from sharding import storage
-            from sharding.manifest import list_splits
+            from sharding.manifest import list_splits, missing_shard_folder
             from sharding.verify import format_checks, verify_shards
 
             if not storage.is_folder(args.out):
-                raise FileNotFoundError(f"shard folder {args.out} does not exist: expected the --out folder of "
-                                        "`run.py shard`")
+                raise missing_shard_folder(args.out)
             if not args.split and not storage.is_remote(args.out) and not list_splits(args.out):
                 print(f"run.py shard: error: {args.out} holds no <split>.manifest.parquet: expected the --out folder "
                       "of `run.py shard`", file=sys.stderr)

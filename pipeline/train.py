@@ -33,7 +33,7 @@ from pipeline.console import ProgressBoard, TrainingConsole
 from pipeline.worker import epoch_logger, train_worker
 from sharding import storage
 from sharding.classes import DATASETS
-from sharding.manifest import Manifest, ManifestError, read_manifest
+from sharding.manifest import Manifest, ManifestError, missing_shard_folder, read_manifest
 
 
 class TrainingError(RuntimeError):
@@ -61,7 +61,7 @@ def check_inputs(cfg: Config) -> tuple[Manifest, Manifest]:
         raise ConfigError("no shards given: pass --data SHARD_DIR (a folder written by `run.py shard`)")
     shards = cfg.data.shards  # a folder, or a URL of one (sharding/storage.py): read_manifest checks either
     if not storage.is_folder(shards):
-        raise FileNotFoundError(f"shard folder {shards} does not exist: expected the --out folder of `run.py shard`")
+        raise missing_shard_folder(shards)
     # The validation split first: every preset names it 'val', so shards of another dataset (whose
     # training split has another name) are told apart by their dataset, not by a missing split.
     val_manifest = read_manifest(shards, cfg.data.val_split)
@@ -338,7 +338,7 @@ def _raise_training_error(exc: BaseException, name: str, run_dir: str, cfg: Conf
     ) from exc
 
 
-def _first_line(error: BaseException, limit: int = 160) -> str:
+def _first_line(error: BaseException, limit: int = 400) -> str:
     lines = [line for line in str(error).strip().splitlines() if line.strip()]
     text = f"{type(error).__name__}: {lines[-1].strip() if lines else ''}"
     return text if len(text) <= limit else text[:limit - 3] + "..."

@@ -167,6 +167,11 @@ def write_manifest(shard_dir: Path, split: str, rows: list[dict[str, Any]], meta
     return path
 
 
+def missing_shard_folder(folder: Path | str) -> FileNotFoundError:
+    """The one error for a shard folder that is not there (train, tune, evaluate, shard verify)."""
+    return FileNotFoundError(f"shard folder {folder} does not exist: expected the --out folder of `run.py shard`")
+
+
 def _fail(path: Path | str, problem: str) -> ManifestError:
     return ManifestError(f"{path}: {problem}")
 
@@ -227,6 +232,8 @@ def read_manifest(shard_dir: Path | str, split: str, *, check_files: bool = True
     try:
         data = storage.read_bytes(path, expected=f"the manifest of split {split!r}")
     except FileNotFoundError:
+        if not storage.is_remote(root) and not storage.is_folder(root):
+            raise missing_shard_folder(shard_dir) from None
         found = list_splits(root)
         none = "none listed (a web server need not list its folders)" if storage.is_remote(root) else "none"
         listing = f"splits with a manifest here: {', '.join(found) or none}"

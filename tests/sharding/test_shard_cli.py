@@ -81,7 +81,7 @@ def test_voc_shard_reports_rejects(tmp_path: Path) -> None:
 @pytest.mark.parametrize("args, message", [
     (["shard", "--out", "x"], "pack needs --dataset and --root"),
     (["shard", "--dataset", "voc", "--root", "/nonexistent/voc", "--out", "x"], "/nonexistent/voc is not a folder"),
-    (["shard", "verify", "--out", "/nonexistent/shards"], "no *.manifest.parquet found"),
+    (["shard", "verify", "--out", "/nonexistent/shards"], "shard folder /nonexistent/shards does not exist"),
     (["shard", "--dataset", "voc", "--root", ".", "--out", "x", "--shard-size", "0"],
      "--shard-size and --workers must be at least 1"),
     (["make-synthetic", "--layout", "voc", "--out", "/nonexistent/v", "--train", "3"],
