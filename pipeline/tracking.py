@@ -437,7 +437,7 @@ def load_model(uri: str, model_uri: str) -> torch.nn.Module:
     try:
         return mlflow.pytorch.load_model(model_uri, map_location="cpu")
     except MlflowException as exc:
-        raise TrackingError(f"cannot load {model_uri} from {uri}: {exc.message}") from None
+        raise TrackingError(f"cannot load {model_uri} from {uri}: {exc.message}{_expected_model(model_uri)}") from None
 
 
 def model_details(uri: str, model_uri: str) -> tuple[dict[str, Any], str | None]:
@@ -447,7 +447,15 @@ def model_details(uri: str, model_uri: str) -> tuple[dict[str, Any], str | None]
     try:
         info = mlflow.models.get_model_info(model_uri)
     except MlflowException as exc:
-        raise TrackingError(f"cannot read {model_uri} from {uri}: {exc.message}") from None
+        raise TrackingError(f"cannot read {model_uri} from {uri}: {exc.message}{_expected_model(model_uri)}") from None
+
+
+def _expected_model(model_uri: str) -> str:
+    """What a models:/ reference was expected to name (registered models are listed by MLflow's UI)."""
+    if not model_uri.startswith("models:/"):
+        return ""
+    return ("; expected models:/NAME/VERSION or models:/NAME@ALIAS of a registered model (run.py tune "
+            "registers its champion as NAME@champion; see the registry in the MLflow UI)")
     return dict(info.metadata or {}), info.run_id or None
 
 
