@@ -15,12 +15,15 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PY) -m pip install --quiet -c $(CONSTRAINTS) -e '.[test]'
 	touch $(STAMP)
 
+# Two pytest-xdist workers, each taking whole files (module fixtures such as a Ray cluster or an
+# MLflow server start once), longest files first (tests/conftest.py LONGEST_FIRST): the slow
+# tests wait on processes they start as much as they compute, so two at once overlap.
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
-# The tests not marked slow (no Ray, no subprocess pipeline run, no GPU check): under a minute.
+# The tests not marked slow (no Ray, no subprocess pipeline run, no GPU check): about a minute.
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" -n 2 --dist loadfile --no-loadscope-reorder
 
 # The whole mission on the built-in synthetic dataset, in ./demo: generate it (once), shard
 # it, train with 2 Ray workers (MLflow run + checkpoints), evaluate, then a small Ray Tune

@@ -266,6 +266,7 @@ SLOW_FIXTURES = frozenset({"ray_cluster", "two_node_cluster", "s3_shards", "http
 # cost on the 2-core machine: kept out of `make test-fast` so that it stays under a minute.
 # tests/test_tiers.py checks that every entry still names a test.
 SLOW_TESTS = {
+    "tests/test_tiers.py::test_long_files_are_collected_first": "a pytest --collect-only of the long files (9 s)",
     "tests/pipeline/test_average_buffers.py": "a 2-process torch.distributed group, spawned (8 s)",
     "tests/pipeline/test_export.py::test_cli_onnx_export_prints_the_check_and_runs_in_onnxruntime":
         "torch.onnx's torch.export-based export of DF-DAM-R18, then onnxruntime (15 s; 30-47 s while other jobs load the 2 cores)",
@@ -294,9 +295,35 @@ def _listed(nodeid: str) -> bool:
     return any(nodeid == key or nodeid.startswith((key + "::", key + "[")) for key in SLOW_TESTS)
 
 
+# The files that take minutes, longest first (seconds in one `make test` on the 2-core machine,
+# 2 xdist workers). `make test` hands whole files to its 2 workers in collection order
+# (--dist loadfile --no-loadscope-reorder); these are collected first, so that the run ends
+# with short files rather than with one long file started last. tests/test_tiers.py checks
+# that each still exists.
+LONGEST_FIRST = (
+    "tests/cluster/test_faults.py",  # 530
+    "tests/test_readme.py",  # 360
+    "tests/pipeline/test_tracking_server.py",  # 280
+    "tests/test_gpu_check.py",  # 260
+    "tests/cluster/test_multinode.py",  # 200
+    "tests/pipeline/test_ablation.py",  # 200
+    "tests/pipeline/test_train.py",  # 180
+    "tests/pipeline/test_tune.py",  # 170
+    "tests/pipeline/test_remote_train.py",  # 100
+)
+
+
+def _file_rank(item: pytest.Item) -> int:
+    """Position of the item's file in :data:`LONGEST_FIRST`; every other file after them."""
+    path = item.nodeid.split("::", 1)[0]
+    return LONGEST_FIRST.index(path) if path in LONGEST_FIRST else len(LONGEST_FIRST)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """``slow`` on every test that uses a fixture of :data:`SLOW_FIXTURES` or is listed in
-    :data:`SLOW_TESTS`; ``cluster`` on every test under tests/cluster."""
+    :data:`SLOW_TESTS`; ``cluster`` on every test under tests/cluster; the files of
+    :data:`LONGEST_FIRST` first (a stable sort: each file's tests keep their order)."""
+    items.sort(key=_file_rank)
     for item in items:
         if SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())) or _listed(item.nodeid):
             item.add_marker(pytest.mark.slow)
