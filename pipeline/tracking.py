@@ -448,6 +448,7 @@ def model_details(uri: str, model_uri: str) -> tuple[dict[str, Any], str | None]
         info = mlflow.models.get_model_info(model_uri)
     except MlflowException as exc:
         raise TrackingError(f"cannot read {model_uri} from {uri}: {exc.message}{_expected_model(model_uri)}") from None
+    return dict(info.metadata or {}), info.run_id or None
 
 
 def _expected_model(model_uri: str) -> str:
@@ -456,7 +457,6 @@ def _expected_model(model_uri: str) -> str:
         return ""
     return ("; expected models:/NAME/VERSION or models:/NAME@ALIAS of a registered model (run.py tune "
             "registers its champion as NAME@champion; see the registry in the MLflow UI)")
-    return dict(info.metadata or {}), info.run_id or None
 
 
 # ----------------------------------------------------------------------------- model registry
