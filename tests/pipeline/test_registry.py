@@ -53,6 +53,9 @@ def test_champion_moves_only_to_a_better_model(tiny_shards: Path, tmp_path: Path
     measured = register_best([_row(runs[0], 0.99)], uri, "dfdam-test", cfg, val)
     assert measured["previous_champion"]["val_miou"] != pytest.approx(0.75)  # re-evaluated, not the tag
     assert 0.0 <= measured["previous_champion"]["val_miou"] < 0.99 and measured["champion"] is True
+    # What evaluate and predict read of models:/NAME@champion: the model's metadata and its run.
+    metadata, run_id = tracking.model_details(uri, "models:/dfdam-test@champion")
+    assert run_id == runs[0] and isinstance(metadata, dict)
 
 
 def test_nothing_finished_registers_nothing(tiny_shards: Path, tmp_path: Path) -> None:
