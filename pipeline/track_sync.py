@@ -115,12 +115,13 @@ def _rebuild(entry: dict[str, Any], entries: list[dict[str, Any]], run_dir: Path
         if tracking.has_artifact(uri, run_id, name):
             return
         kept = [e for e in entries if e["kind"] == "json" and e["name"] == CONFUSION_JSON and e["run_id"] == run_id]
-        if not kept:
+        # The matrix is in the outbox, or on the server: it went out before the server left.
+        data = kept[-1]["data"] if kept else tracking.read_json(uri, run_id, CONFUSION_JSON)
+        if data is None:
             report.lost.append(name)
             return
         from pipeline.visualize import confusion_matrix_figure
 
-        data = kept[-1]["data"]
         tracking.log_figure(uri, run_id, confusion_matrix_figure(np.array(data["matrix"]), data["class_names"]), name)
         report.sent.append(name)
     elif not tracking.has_artifact(uri, run_id, name):

@@ -163,6 +163,17 @@ def log_json(uri: str, run_id: str, data: Any, name: str) -> None:
     MlflowClient(uri).log_dict(run_id, data, name)
 
 
+def read_json(uri: str, run_id: str, name: str) -> Any | None:
+    """A JSON file the run logged (:func:`log_json`), or None when it has none."""
+    import tempfile
+
+    if not has_artifact(uri, run_id, name):
+        return None
+    with tempfile.TemporaryDirectory() as folder:
+        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=name, dst_path=folder, tracking_uri=uri)
+        return json.loads(Path(path).read_text())
+
+
 def log_image(uri: str, run_id: str, image: np.ndarray, name: str) -> None:
     MlflowClient(uri).log_image(run_id, image, name)
 

@@ -110,6 +110,31 @@ def test_sync_sends_what_an_outbox_kept_once(tmp_path: Path, monkeypatch: pytest
     assert again.sent == [] and len(client.get_metric_history(run_id, "val_miou")) == 2
 
 
+def test_sync_draws_the_figure_from_a_matrix_that_reached_the_server(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server left between the confusion matrix's JSON (sent) and its figure (kept by name
+    only): sync draws the figure from the JSON the run already has (seen in a full suite run)."""
+    from pipeline.track_sync import CONFUSION_FIGURE, CONFUSION_JSON
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = tracking.start_run(store, "dfdam-test", "r", {"p": 1})
+    tracking.log_json(store, run_id, {"class_names": ["road", "sky"], "matrix": [[3, 1], [0, 4]]}, CONFUSION_JSON)
+    run_dir = tmp_path / "runs" / "r"
+    blocker = _refused_port()
+    try:
+        away = f"http://127.0.0.1:{blocker.getsockname()[1]}"
+        figure = {"kind": "missing", "name": CONFUSION_FIGURE}
+        assert tracking.Outbox.for_run(str(run_dir)).send(away, run_id, figure, lambda: tracking.log_figure(
+            away, run_id, None, CONFUSION_FIGURE)) is False
+    finally:
+        blocker.close()
+    report = sync_run(run_dir, uri=store)
+    assert report.sent == [CONFUSION_FIGURE] and report.lost == []
+    assert tracking.has_artifact(store, run_id, CONFUSION_FIGURE)
+    assert sync_run(run_dir, uri=store).sent == []
+
+
 def test_a_search_ending_while_the_server_is_away_says_how_to_finish(tmp_path: Path) -> None:
     from mlflow.exceptions import MlflowException
 
