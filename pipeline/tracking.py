@@ -210,6 +210,8 @@ def run_status(uri: str, run_id: str, *, killed: tuple[type[BaseException], ...]
     away does not fail the block: the status waits in the outbox for ``run.py track sync``.
     """
     def close(status: str) -> None:
+        if status != "FINISHED" and _already_finished(uri, run_id):
+            return  # a trial closed FINISHED by its search, whose process Tune stopped after its last report
         if outbox is None:
             end_run(uri, run_id, status)
         else:
@@ -224,6 +226,14 @@ def run_status(uri: str, run_id: str, *, killed: tuple[type[BaseException], ...]
         close("FAILED")
         raise
     close("FINISHED")
+
+
+def _already_finished(uri: str, run_id: str) -> bool:
+    """Whether run ``run_id`` is FINISHED already (False when the store cannot say)."""
+    try:
+        return MlflowClient(uri).get_run(run_id).info.status == "FINISHED"
+    except Exception:  # noqa: BLE001 - a store that is away cannot say: the status goes as usual
+        return False
 
 
 # ----------------------------------------------------------------------------- outbox

@@ -135,6 +135,21 @@ def test_sync_draws_the_figure_from_a_matrix_that_reached_the_server(tmp_path: P
     assert sync_run(run_dir, uri=store).sent == []
 
 
+def test_a_trial_stopped_after_its_search_closed_it_stays_finished(tmp_path: Path) -> None:
+    """Tune stops a trial's process after its last report, and the search may close the trial's
+    run FINISHED first (trials.collect_rows): the trial's own late FAILED must not undo it (seen
+    in a full suite run); a run not yet FINISHED still ends FAILED."""
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    closed, open_ = (tracking.start_run(store, "dfdam-test", name, {}) for name in ("closed", "open"))
+    for run_id in (closed, open_):
+        with pytest.raises(KeyboardInterrupt), tracking.run_status(store, run_id, killed=()):
+            if run_id == closed:
+                tracking.end_run(store, run_id, "FINISHED")  # what the search did meanwhile
+            raise KeyboardInterrupt
+    client = MlflowClient(store)
+    assert client.get_run(closed).info.status == "FINISHED" and client.get_run(open_).info.status == "FAILED"
+
+
 def test_a_search_ending_while_the_server_is_away_says_how_to_finish(tmp_path: Path) -> None:
     from mlflow.exceptions import MlflowException
 
