@@ -332,15 +332,25 @@ def _field(config: Config, key: str, where: str) -> tuple[str, str, Any]:
         raise ConfigError(f"override {where!r} must name section.field, e.g. optim.lr=0.01")
     section_name, field_name = key.split(".", 1)
     if section_name not in _SECTIONS:
-        near = difflib.get_close_matches(section_name, _SECTIONS, n=1)
-        hint = f"; did you mean {near[0]!r}?" if near else ""
+        near = _nearest(section_name, list(_SECTIONS))
+        hint = f"; did you mean {near!r}?" if near else ""
         raise ConfigError(f"unknown config section {section_name!r} in {where!r}: expected one of {list(_SECTIONS)}{hint}")
     hints = typing.get_type_hints(type(getattr(config, section_name)))
     if field_name not in hints:
-        near = difflib.get_close_matches(field_name, list(hints), n=1)
-        hint = f"; did you mean {section_name}.{near[0]}?" if near else ""
+        near = _nearest(field_name, list(hints))
+        hint = f"; did you mean {section_name}.{near}?" if near else ""
         raise ConfigError(f"unknown field {key!r}: {section_name} has {sorted(hints)}{hint}")
     return section_name, field_name, hints[field_name]
+
+
+def _nearest(name: str, choices: list[str]) -> str | None:
+    """The valid name a misspelt one most likely meant: difflib's closest, else the longest that
+    one of them begins with (``lrate`` -> ``lr``, ``epoch`` -> ``epochs``); None if nothing is near."""
+    near = difflib.get_close_matches(name, choices, n=1)
+    if near:
+        return near[0]
+    begun = [c for c in choices if min(len(c), len(name)) >= 2 and (name.startswith(c) or c.startswith(name))]
+    return max(begun, key=len) if begun else None
 
 
 def _set(config: Config, section_name: str, field_name: str, value: Any) -> Config:

@@ -38,6 +38,9 @@ def test_overrides_are_parsed_by_type() -> None:
     ("override", "message"),
     [
         ("optim.lrr=0.1", "did you mean optim.lr"),
+        ("optim.lrate=0.1", r"did you mean optim\.lr\?$"),  # too far for difflib: the field it begins with
+        ("train.epoch=3", r"did you mean train\.epochs\?$"),
+        ("optim.x=1", r"unknown field 'optim\.x': optim has \[[^]]*\]$"),  # nothing near: no guess
         ("optm.lr=0.1", "did you mean 'optim'"),
         ("optim.lr=fast", "expected float"),
         ("train.gpu=maybe", "expected bool"),
