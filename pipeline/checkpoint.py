@@ -4,7 +4,7 @@
 the poly schedule, the epoch just finished, the global step, the config and the dataset's
 class metadata, so that training can continue exactly and a model can be rebuilt for
 evaluation without the shards. ``checkpoint.json`` is written after it and records its size
-and sha256: a checkpoint whose file does not match (a copy cut short by a lost node, say)
+and sha256, epoch, step, metrics and model section (read without loading the weights): a checkpoint whose file does not match (a copy cut short by a lost node, say)
 is *incomplete* and is never chosen (:func:`latest_checkpoint`) nor loaded.
 
 A checkpoint holds only tensors, numbers, strings, booleans, None, lists, tuples and dicts:
@@ -133,7 +133,7 @@ def save_checkpoint(folder: str | Path, *, model: nn.Module, optimizer: torch.op
     path = folder / CHECKPOINT_FILE
     _write_atomic(path, lambda tmp: torch.save(state, tmp))
     record = {"file": CHECKPOINT_FILE, "bytes": path.stat().st_size, "sha256": _sha256(path),
-              "epoch": epoch + 1, "step": step, "metrics": state["metrics"]}
+              "epoch": epoch + 1, "step": step, "metrics": state["metrics"], "model": state["config"]["model"]}
     _write_atomic(folder / RECORD_FILE, lambda tmp: tmp.write_text(json.dumps(record, indent=1, sort_keys=True)))
     return path
 

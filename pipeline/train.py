@@ -302,8 +302,8 @@ def check_resume(run_dir: str | Path, cfg: Config) -> None:
     if latest is None:
         return  # killed before its first checkpoint: Ray Train starts it from the beginning
     folder, done = latest
-    if not storage.is_remote(folder):
-        saved = load_checkpoint(folder)["config"]["model"]
+    saved = _trained_model(folder)
+    if saved is not None:
         changed = [f"model.{k}={saved.get(k)} (now {v})" for k, v in dataclasses.asdict(cfg.model).items()
                    if k != "weights" and saved.get(k) != v]  # weights only initialise: the checkpoint holds them
         if changed:
@@ -314,6 +314,16 @@ def check_resume(run_dir: str | Path, cfg: Config) -> None:
         raise ConfigError(f"--resume: run {storage.name(run_dir)!r} has already trained {done} epoch(s) "
                           f"(checkpoint {storage.display(folder)}); --epochs is the new total, so pass more than "
                           f"{done} to train longer")
+
+
+def _trained_model(folder: str) -> dict[str, Any] | None:
+    """The model section a checkpoint was trained with: from its record (``checkpoint.json``), so
+    the weights are not read; from the checkpoint itself for a local one whose record predates
+    that field; None for such a remote one."""
+    record = json.loads(storage.storage_read_text(storage.join(folder, RECORD_FILE)))
+    if "model" in record:
+        return record["model"]
+    return None if storage.is_remote(folder) else load_checkpoint(folder)["config"]["model"]
 
 
 def _raise_training_error(exc: BaseException, name: str, run_dir: str, cfg: Config) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
@@ -17,7 +18,7 @@ from PIL import Image
 import run
 from pipeline.checkpoint import (CHECKPOINT_FILE, CheckpointError, build_model, load_checkpoint,
                                  model_from_checkpoint, save_checkpoint)
-from pipeline.config import build_config
+from pipeline.config import ConfigError, build_config
 from pipeline.loop import setup_training
 from pipeline.optim import build_optimizer
 
@@ -111,6 +112,38 @@ def test_a_checkpoint_written_before_weights_only_still_loads(parts, tmp_path: P
     assert all(torch.equal(resumed.model.state_dict()[k], v) for k, v in model.state_dict().items())
     assert resumed.start_epoch == 2 and resumed.best == 0.5
     assert resumed.schedule.end == 3 * cfg.train.epochs  # the poly policy of its own config
+
+
+def test_resume_compares_the_model_from_the_record_without_reading_the_weights(saved, tmp_path: Path,
+                                                                               monkeypatch) -> None:
+    """``train --resume`` with another model: refused from ``checkpoint.json`` alone; a record
+    written before it held the model section falls back to the checkpoint itself."""
+    import pipeline.train as train
+
+    folder, _, _ = saved
+    run_dir = tmp_path / "run"
+    shutil.copytree(folder, run_dir / folder.name)
+    record_file = run_dir / folder.name / "checkpoint.json"
+    record = json.loads(record_file.read_text())
+    assert record["model"] == _config().to_dict()["model"]
+    same, other = (build_config("synthetic", [f"model.backbone={b}", "data.crop_size=64x64", "train.epochs=3"])
+                   for b in ("resnet18", "resnet50"))
+    refused = r"was trained as model\.backbone=resnet18 \(now resnet50\)"
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("check_resume read the checkpoint's weights")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train, "load_checkpoint", no_weights)
+        with pytest.raises(ConfigError, match=refused):
+            train.check_resume(run_dir, other)
+        train.check_resume(run_dir, same)
+
+    del record["model"]
+    record_file.write_text(json.dumps(record))
+    with pytest.raises(ConfigError, match=refused):
+        train.check_resume(run_dir, other)
+    train.check_resume(run_dir, same)
 
 
 def _refusals(tmp_path: Path, saved_file: Path) -> dict[str, tuple[Path, str]]:
