@@ -4,8 +4,9 @@
 the poly schedule, the epoch just finished, the global step, the config and the dataset's
 class metadata, so that training can continue exactly and a model can be rebuilt for
 evaluation without the shards. ``checkpoint.json`` is written after it and records its size
-and sha256, epoch, step, metrics and model section (read without loading the weights): a checkpoint whose file does not match (a copy cut short by a lost node, say)
-is *incomplete* and is never chosen (:func:`latest_checkpoint`) nor loaded.
+and sha256, epoch, step, metrics and model section (read without loading the weights): a
+checkpoint whose file does not match (a copy cut short by a lost node, say) is *incomplete*
+and is never chosen (:func:`latest_checkpoint`) nor loaded.
 
 A checkpoint holds only tensors, numbers, strings, booleans, None, lists, tuples and dicts:
 :func:`save_checkpoint` turns numpy values into Python numbers and tensors and refuses

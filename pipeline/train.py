@@ -275,8 +275,8 @@ def _checkpoint_location(checkpoint: Any, run_dir: str) -> str | None:
     return storage.join(run_dir, PurePosixPath(checkpoint.path).name)
 
 
-def latest_trained(run_dir: str | Path) -> tuple[str, int] | None:
-    """(the newest complete checkpoint's folder, the epochs it holds) of a run, or None.
+def latest_trained(run_dir: str | Path) -> tuple[str, dict[str, Any]] | None:
+    """(the newest complete checkpoint's folder, its record ``checkpoint.json``) of a run, or None.
 
     Local storage: :func:`~pipeline.checkpoint.latest_checkpoint` (sizes and sha256 checked).
     Remote storage: the checkpoint records (``checkpoint.json``) read where they are; Ray Train
@@ -284,15 +284,15 @@ def latest_trained(run_dir: str | Path) -> tuple[str, int] | None:
     """
     if not storage.is_remote(run_dir):
         latest = latest_checkpoint(run_dir)
-        return None if latest is None else (str(latest), json.loads((latest / RECORD_FILE).read_text())["epoch"])
-    newest: tuple[int, str, int] | None = None
+        return None if latest is None else (str(latest), json.loads((latest / RECORD_FILE).read_text()))
+    newest: tuple[int, str, dict[str, Any]] | None = None
     for folder in storage.storage_folders(run_dir):
         try:
             record = json.loads(storage.storage_read_text(storage.join(folder, RECORD_FILE)))
         except (FileNotFoundError, ValueError):
             continue  # not a checkpoint folder, or a record cut short
         if newest is None or int(record["step"]) > newest[0]:
-            newest = (int(record["step"]), folder, int(record["epoch"]))
+            newest = (int(record["step"]), folder, record)
     return None if newest is None else (newest[1], newest[2])
 
 
@@ -301,8 +301,9 @@ def check_resume(run_dir: str | Path, cfg: Config) -> None:
     latest = latest_trained(run_dir)
     if latest is None:
         return  # killed before its first checkpoint: Ray Train starts it from the beginning
-    folder, done = latest
-    saved = _trained_model(folder)
+    folder, record = latest
+    done = int(record["epoch"])
+    saved = _trained_model(folder, record)
     if saved is not None:
         changed = [f"model.{k}={saved.get(k)} (now {v})" for k, v in dataclasses.asdict(cfg.model).items()
                    if k != "weights" and saved.get(k) != v]  # weights only initialise: the checkpoint holds them
@@ -316,11 +317,10 @@ def check_resume(run_dir: str | Path, cfg: Config) -> None:
                           f"{done} to train longer")
 
 
-def _trained_model(folder: str) -> dict[str, Any] | None:
+def _trained_model(folder: str, record: dict[str, Any]) -> dict[str, Any] | None:
     """The model section a checkpoint was trained with: from its record (``checkpoint.json``), so
     the weights are not read; from the checkpoint itself for a local one whose record predates
     that field; None for such a remote one."""
-    record = json.loads(storage.storage_read_text(storage.join(folder, RECORD_FILE)))
     if "model" in record:
         return record["model"]
     return None if storage.is_remote(folder) else load_checkpoint(folder)["config"]["model"]
